@@ -1,0 +1,1 @@
+"""adaptune orchestrator: sweep files, the Ray Tune driver, the MLflow record and the CLI."""

@@ -1,0 +1,66 @@
+"""What every adapter method shares: its config base, the layer marker and the method protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+from transformers import PreTrainedModel
+
+from workers.placement import FamilyLayout
+
+
+class AdapterConfig(BaseModel):
+    """Base of every method's config. Unknown fields are errors: a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+
+    def short_name(self) -> str:
+        """A compact, human-readable tag of this config (run names: `lora-r32-qkvud`)."""
+        return self.type
+
+
+class AdapterLayer(nn.Module):
+    """Marker for modules that own adapter parameters.
+
+    Every parameter inside an `AdapterLayer` is an adapter parameter, except those under its
+    `base_layer` attribute: wrappers keep the frozen linear they wrap there.
+    """
+
+    base_layer_attr: ClassVar[str] = "base_layer"
+
+
+class AdapterMethod(Protocol):
+    """What the registry holds for each method."""
+
+    name: str
+    config: type[AdapterConfig]
+
+    def inject(self, model: PreTrainedModel, layout: FamilyLayout, config: AdapterConfig) -> list[nn.Module]:
+        """Insert the method's layers into `model` in place; return the layers inserted."""
+        ...
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` where `path` is in `model`."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(full name, parameter) of every adapter parameter in `model`, each once."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        if not isinstance(module, AdapterLayer):
+            continue
+        skip = f"{module.base_layer_attr}."
+        for rel, param in module.named_parameters():
+            if rel.startswith(skip) or id(param) in seen:
+                continue
+            seen.add(id(param))
+            yield (f"{module_name}.{rel}" if module_name else rel), param

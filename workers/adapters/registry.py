@@ -1,0 +1,52 @@
+"""The registry of adapter methods: adding a method is one module and one line here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import Field
+from torch import nn
+from transformers import PreTrainedModel
+
+from workers.adapters import lora, mosa, parallel, prefix, series
+from workers.adapters.base import AdapterConfig, AdapterMethod, adapter_parameters
+from workers.placement import family_for
+
+METHODS: dict[str, AdapterMethod] = {
+    m.METHOD.name: m.METHOD for m in (series, parallel, prefix, lora, mosa)
+}
+
+AdapterSpec = Annotated[
+    series.SeriesConfig | parallel.ParallelConfig | prefix.PrefixConfig | lora.LoraConfig | mosa.MosaConfig,
+    Field(discriminator="type"),
+]
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Trainable (adapter) and base parameters; the share as the paper reports it."""
+
+    trainable: int
+    base: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / (self.base + self.trainable)
+
+
+def count_parameters(model: nn.Module) -> ParamCounts:
+    adapter = sum(p.numel() for _, p in adapter_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    return ParamCounts(trainable=adapter, base=total - adapter)
+
+
+def inject(model: PreTrainedModel, config: AdapterConfig) -> list[nn.Module]:
+    """Insert the adapter `config` describes into `model` and freeze everything else."""
+    method = METHODS[config.type]
+    layers = method.inject(model, family_for(model.config), config)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, param in adapter_parameters(model):
+        param.requires_grad_(True)
+    return layers

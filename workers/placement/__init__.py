@@ -1,0 +1,34 @@
+"""Where adapters go: the slot vocabulary and one table row per model family."""
+
+from workers.placement.families import (
+    FAMILIES,
+    FamilyLayout,
+    LinearTarget,
+    SublayerTarget,
+    expand_sublayers,
+    family_for,
+    linear_dims,
+    linear_targets,
+    resolve_linear_roles,
+    sublayer_targets,
+)
+from workers.placement.slots import LINEAR_ROLES, SLOTS, SUBLAYERS, LinearRole, Slot, Sublayer
+
+__all__ = [
+    "FAMILIES",
+    "LINEAR_ROLES",
+    "SLOTS",
+    "SUBLAYERS",
+    "FamilyLayout",
+    "LinearRole",
+    "LinearTarget",
+    "Slot",
+    "Sublayer",
+    "SublayerTarget",
+    "expand_sublayers",
+    "family_for",
+    "linear_dims",
+    "linear_targets",
+    "resolve_linear_roles",
+    "sublayer_targets",
+]

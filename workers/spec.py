@@ -1,0 +1,138 @@
+"""Trial specs: plain typed data shared by the worker and the driver. No I/O but `load_trial_spec`.
+
+A trial spec is what one fine-tune-and-evaluate job needs. Every section has the paper's defaults
+(LLM-Adapters, Hu et al. 2023), so a spec names only what differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from workers.adapters.registry import AdapterSpec
+from workers.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Section):
+    """Training and evaluation data, in the paper's instruction/input/output/answer JSON format."""
+
+    train: str | None = Field(None, description="a task name (math_10k, commonsense_170k, boolq, ...) or a JSON file")
+    eval: list[str] = Field(default_factory=list, description="evaluation task names")
+    data_root: str | None = Field(None, description="folder of the data sets; else $ADAPTUNE_DATA")
+    cutoff_len: int = Field(256, gt=0)
+    train_on_inputs: bool = True
+    val_set_size: int = Field(120, ge=0)
+    limit_train: int | None = Field(None, gt=0, description="use only the first N training examples")
+    group_by_length: bool = False
+    packing: bool = False
+    allow_leakage: bool = False
+
+
+class TrainSpec(_Section):
+    """Optimisation, with the paper's defaults: micro batch 4, batch 16, 3 epochs, lr 3e-4."""
+
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    lr: float = Field(3e-4, gt=0)
+    micro_batch_size: int = Field(4, gt=0)
+    batch_size: int = Field(16, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(200, gt=0, description="validation loss every M optimizer steps")
+    save_every: int = Field(200, gt=0, description="checkpoint every K optimizer steps")
+    keep_checkpoints: int = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainSpec:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
+            )
+        return self
+
+
+class EvalSpec(_Section):
+    """How evaluation generates and scores."""
+
+    protocol: Literal["batched", "paper"] = Field("batched", description="paper = batch 1, beam search 4")
+    scoring: Literal["paper", "strict"] = "paper"
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(32, gt=0)
+    limit: int | None = Field(None, gt=0, description="evaluate only the first N questions of each set")
+
+
+class TrialSpec(_Section):
+    """One fine-tune-and-evaluate job."""
+
+    name: str | None = None
+    model: str = Field(description="a hub id, or a folder with config.json")
+    random_init: bool = Field(False, description="build the model from its config with random weights")
+    model_overrides: dict[str, Any] = Field(default_factory=dict, description="config fields to override")
+    tokenizer: str | None = Field(None, description="hub id or folder; `byte` for the built-in byte tokenizer")
+    trust_remote_code: bool = False
+    adapter: AdapterSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    seed: int = 42
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    # pydantic puts the discriminator value into the location (`adapter.lora.rank`): drop it.
+    parts = [str(p) for p in loc]
+    if len(parts) >= 2 and parts[0] == "adapter" and parts[1] in {"series", "parallel", "prefix", "lora", "mosa"}:
+        parts.pop(1)
+    return ".".join(parts)
+
+
+def config_error_from(exc: ValidationError, file: str | None, prefix: str = "") -> ConfigError:
+    """The first validation error of `exc` as a one-line `ConfigError`."""
+    err = exc.errors()[0]
+    field = _field_path(err["loc"])
+    if prefix:
+        field = f"{prefix}.{field}" if field else prefix
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "union_tag_invalid":
+        msg = f"unknown adapter type; expected one of: {err['ctx']['expected_tags']}"
+    elif err["type"] == "extra_forbidden":
+        msg = "unknown field for this section (a field this method or section does not take)"
+    return ConfigError(file, field or None, msg)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from `path`, or a `ConfigError` naming the file."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(str(p), None, "file not found") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(str(p), None, f"cannot read YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(p), None, "expected a YAML mapping at the top level")
+    return data
+
+
+def parse_trial_spec(data: dict[str, Any], file: str | None = None) -> TrialSpec:
+    try:
+        return TrialSpec.model_validate(data)
+    except ValidationError as exc:
+        raise config_error_from(exc, file) from None
+
+
+def load_trial_spec(path: str | Path) -> TrialSpec:
+    """Read and validate a trial spec file; relative model/data paths resolve against the cwd."""
+    return parse_trial_spec(read_yaml(path), str(path))
