@@ -85,7 +85,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(None, "tokenizer", f"cannot load a tokenizer for {name!r}: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(None, "tokenizer", f"cannot load a tokenizer for {name!r}: {reason}") from None
     if tok.pad_token is None:
         # The paper's LLaMA runs pad with id 0 (unk); other families have only an EOS.
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from workers.adapters.registry import AdapterSpec
+from workers.adapters.registry import METHODS, AdapterSpec
 from workers.errors import ConfigError
 
 
@@ -93,7 +93,7 @@ class TrialSpec(_Section):
 def _field_path(loc: tuple[Any, ...]) -> str:
     # pydantic puts the discriminator value into the location (`adapter.lora.rank`): drop it.
     parts = [str(p) for p in loc]
-    if len(parts) >= 2 and parts[0] == "adapter" and parts[1] in {"series", "parallel", "prefix", "lora", "mosa"}:
+    if len(parts) >= 2 and parts[0] == "adapter" and parts[1] in METHODS:
         parts.pop(1)
     return ".".join(parts)
 

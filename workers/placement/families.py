@@ -141,7 +141,9 @@ def _role_path(layout: FamilyLayout, role: str) -> tuple[str, str]:
     return role, layout.linears[role]
 
 
-def resolve_linear_roles(layout: FamilyLayout, roles: Sequence[str], field_name: str = "adapter.placement") -> list[str]:
+def resolve_linear_roles(
+    layout: FamilyLayout, roles: Sequence[str], field_name: str = "adapter.placement"
+) -> list[str]:
     """Check `roles` against the family; fused q/k/v collapse into one `qkv` role.
 
     Returns the roles to wrap in each block, in vocabulary order.
@@ -149,7 +151,8 @@ def resolve_linear_roles(layout: FamilyLayout, roles: Sequence[str], field_name:
     wanted = set(roles)
     for role in roles:
         if role not in LINEAR_ROLES:
-            raise ConfigError(None, field_name, f"unknown linear role {role!r}; expected one of: {', '.join(LINEAR_ROLES)}")
+            expected = ", ".join(LINEAR_ROLES)
+            raise ConfigError(None, field_name, f"unknown linear role {role!r}; expected one of: {expected}")
         if not layout.has(role):
             raise ConfigError(
                 None, field_name,
