@@ -20,6 +20,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """adaptune: plan, run, resume and report adapter sweeps; train or evaluate one trial."""
+
+
 @app.command()
 def plan(
     spec_file: Annotated[Path, typer.Argument(help="a trial spec (YAML)")],

@@ -117,7 +117,7 @@ BAD = [
     ({"type": "lora", "placement": ["gate"], "rank": 8}, "adapter.placement", "family 'bloom' has no 'gate'"),
     ({"type": "series", "placement": ["down"], "bottleneck": 0}, "adapter.bottleneck", ""),
     ({"type": "lora", "placement": ["q"], "rank": -4}, "adapter.rank", ""),
-    ({"type": "lora", "placement": ["q"], "rank": 5000}, "adapter.rank", ""),
+    ({"type": "lora", "placement": ["q", "k", "v"], "rank": 5000}, "adapter.rank", "exceeds the layer"),
     ({"type": "series", "placement": ["down"], "bottleneck": 64, "rank": 8}, "adapter.rank", ""),
 ]
 

@@ -28,6 +28,7 @@ class DataSpec(_Section):
     data_root: str | None = Field(None, description="folder of the data sets; else $ADAPTUNE_DATA")
     cutoff_len: int = Field(256, gt=0)
     train_on_inputs: bool = True
+    template: Literal["paper", "alpaca"] = Field("paper", description="paper = the paper's exact prompt text")
     val_set_size: int = Field(120, ge=0)
     limit_train: int | None = Field(None, gt=0, description="use only the first N training examples")
     group_by_length: bool = False
@@ -109,6 +110,8 @@ def config_error_from(exc: ValidationError, file: str | None, prefix: str = "") 
         msg = f"unknown adapter type; expected one of: {err['ctx']['expected_tags']}"
     elif err["type"] == "extra_forbidden":
         msg = "unknown field for this section (a field this method or section does not take)"
+    elif not isinstance(err.get("input"), dict | list):
+        msg = f"{msg} (got {err.get('input')!r})"
     return ConfigError(file, field or None, msg)
 
 

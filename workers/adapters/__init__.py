@@ -1,0 +1,1 @@
+"""The adapter family: one module per method, one registry (`registry.py`)."""

@@ -1,0 +1,125 @@
+"""LoRA (Hu et al. 2021): a low-rank update beside a frozen linear.
+
+    y = W x + (alpha / r) · B A dropout(x)        A: r x in, kaiming-uniform;  B: out x r, zero
+
+so a fresh adapter changes nothing. rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) instead.
+`merge_lora` folds W' = W + s · B A into the base weights for inference; `unmerge_lora` undoes it.
+`attn` and `mlp` in a placement stand for every linear of that sublayer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from workers.adapters.base import AdapterConfig, AdapterLayer, replace_module
+from workers.adapters.bottleneck import placement_tag
+from workers.errors import ConfigError
+from workers.placement import FamilyLayout, Slot, expand_sublayers, linear_dims, linear_targets
+
+
+class LoraConfig(AdapterConfig):
+    type: Literal["lora"] = "lora"
+    placement: list[Slot] = Field(min_length=1)
+    rank: int = Field(gt=0, description="r")
+    alpha: float | None = Field(None, gt=0, description="alpha; default 2 r (the paper: r 32, alpha 64)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    rslora: bool = False
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def short_name(self) -> str:
+        return f"lora-r{self.rank}-{placement_tag(list(self.placement))}"
+
+
+class LoraLinear(AdapterLayer):
+    """y = W x + s · B A dropout(x), or W' x once merged (W' = W + s · B A)."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, scaling: float, dropout: float) -> None:
+        super().__init__()
+        d_in, d_out = linear_dims(base_layer)
+        kw = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.base_layer = base_layer
+        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_A = nn.Linear(d_in, rank, bias=False, **kw)
+        self.lora_B = nn.Linear(rank, d_out, bias=False, **kw)
+        self.scaling = scaling
+        self.merged = False
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B A, laid out like the base weight (transposed for GPT-2's Conv1D)."""
+        delta = self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+        return delta.T if isinstance(self.base_layer, Conv1D) else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight()
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        return y + self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))
+
+
+class _Lora:
+    name = "lora"
+    config = LoraConfig
+
+    def inject(self, model: nn.Module, layout: FamilyLayout, config: LoraConfig) -> list[nn.Module]:
+        roles = expand_sublayers(config.placement)
+        if any(s in ("attn", "mlp") for s in config.placement):
+            roles = [r for r in roles if layout.has(r)]
+        inserted: list[nn.Module] = []
+        for target in linear_targets(model, layout, roles):
+            base = model.get_submodule(target.path)
+            d_in, d_out = linear_dims(base)
+            if config.rank > min(d_in, d_out):
+                raise ConfigError(
+                    None, "adapter.rank",
+                    f"rank {config.rank} exceeds the layer {target.path} ({d_in} -> {d_out})",
+                )
+            wrapper = LoraLinear(base, config.rank, config.scaling, config.dropout)
+            replace_module(model, target.path, wrapper)
+            inserted.append(wrapper)
+        return inserted
+
+
+METHOD = _Lora()
+
+
+def _lora_layers(model: nn.Module) -> list[LoraLinear]:
+    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA update into its base weight."""
+    for layer in _lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Take every merged LoRA update out of its base weight again."""
+    for layer in _lora_layers(model):
+        layer.unmerge()

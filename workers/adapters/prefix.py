@@ -1,0 +1,133 @@
+"""Prefix tuning (Li & Liang 2021): n trained virtual tokens of keys and values in every layer.
+
+    attention(q, [P_k; K], [P_v; V])        P_k, P_v: n x kv_dim per layer
+
+The prefix enters through the transformers cache: a forward pre-hook on the family's backbone puts
+P_k, P_v into the `DynamicCache` as if n tokens had been seen before the input, and extends the
+attention mask by n ones on the left. So training, cached generation and uncached generation all
+run the model's own attention code, on every family.
+
+Position ids of the real tokens do not count the prefix: they come from the un-extended attention
+mask (cumsum - 1), exactly as `generate` computes them, so the three paths agree. On families
+without position ids the prefix shifts what the model derives from the mask: BLOOM's ALiBi distances
+and OPT's learned positions (computed from the mask when none are given; we always give them)
+see the prefix as n earlier tokens, consistently in training and generation.
+
+`reparametrize: true` produces the prefix with an MLP (embedding n x d -> Linear d->h -> tanh ->
+Linear h -> L·2·kv_dim), as Li & Liang and PEFT's prefix projection do; the MLP is trained and saved.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from transformers import DynamicCache, PretrainedConfig
+
+from workers.adapters.base import AdapterConfig, AdapterLayer
+from workers.placement import FamilyLayout
+
+
+class PrefixConfig(AdapterConfig):
+    type: Literal["prefix"] = "prefix"
+    virtual_tokens: int = Field(gt=0, description="n, the number of virtual tokens")
+    reparametrize: bool = False
+    prefix_hidden: int = Field(512, gt=0, description="width of the reparametrisation MLP")
+
+    def short_name(self) -> str:
+        return f"prefix-v{self.virtual_tokens}" + ("-mlp" if self.reparametrize else "")
+
+
+def kv_shape(config: PretrainedConfig) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) from the generic config attributes every family maps."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+class PrefixEncoder(AdapterLayer):
+    """The prefix keys and values of every layer: a table, or the output of the reparametrisation MLP."""
+
+    def __init__(self, config: PretrainedConfig, spec: PrefixConfig, like: torch.Tensor) -> None:
+        super().__init__()
+        self.layers, self.kv_heads, self.head_dim = kv_shape(config)
+        self.n = spec.virtual_tokens
+        kw = {"device": like.device, "dtype": like.dtype}
+        width = self.layers * 2 * self.kv_heads * self.head_dim
+        if spec.reparametrize:
+            self.embedding = nn.Parameter(torch.empty(self.n, config.hidden_size, **kw))
+            self.mlp = nn.Sequential(
+                nn.Linear(config.hidden_size, spec.prefix_hidden, **kw),
+                nn.Tanh(),
+                nn.Linear(spec.prefix_hidden, width, **kw),
+            )
+            nn.init.normal_(self.embedding)
+        else:
+            # N(0, 1) as PEFT's prefix embedding table.
+            self.prefix = nn.Parameter(torch.empty(self.n, width, **kw))
+            nn.init.normal_(self.prefix)
+            self.mlp = None
+
+    def key_values(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values), each (batch, kv_heads, n, head_dim)."""
+        table = self.mlp(self.embedding) if self.mlp is not None else self.prefix
+        kv = table.view(self.n, self.layers, 2, self.kv_heads, self.head_dim).permute(1, 2, 3, 0, 4)
+        return [
+            (kv[i, 0].unsqueeze(0).expand(batch, -1, -1, -1), kv[i, 1].unsqueeze(0).expand(batch, -1, -1, -1))
+            for i in range(self.layers)
+        ]
+
+
+class PrefixHook:
+    """Forward pre-hook of the backbone that injects the prefix into the cache and the mask."""
+
+    def __init__(self, encoder: PrefixEncoder, config: PretrainedConfig, accepts: set[str]) -> None:
+        self.encoder, self.config, self.accepts = encoder, config, accepts
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        batch, new = (ids.shape if ids is not None else embeds.shape[:2])
+        n = self.encoder.n
+        device = (ids if ids is not None else embeds).device
+        cache = kwargs.get("past_key_values")
+        if cache is None or cache.get_seq_length() == 0:
+            cache = cache if cache is not None else DynamicCache(config=self.config)
+            for layer, (k, v) in enumerate(self.encoder.key_values(batch)):
+                cache.update(k, v, layer)
+            kwargs["past_key_values"] = cache
+        past = cache.get_seq_length()  # prefix included
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            if "position_ids" in self.accepts and kwargs.get("position_ids") is None:
+                kwargs["position_ids"] = ((mask.long().cumsum(-1) - 1).clamp(min=0))[:, -new:]
+            missing = past + new - mask.shape[1]
+            if missing > 0:
+                kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, missing), mask], dim=-1)
+        elif mask is None and "position_ids" in self.accepts and kwargs.get("position_ids") is None:
+            start = past - n
+            kwargs["position_ids"] = torch.arange(start, start + new, device=device)[None]
+        if "cache_position" in self.accepts:
+            kwargs["cache_position"] = torch.arange(past, past + new, device=device)
+        return args, kwargs
+
+
+class _Prefix:
+    name = "prefix"
+    config = PrefixConfig
+
+    def inject(self, model: nn.Module, layout: FamilyLayout, config: PrefixConfig) -> list[nn.Module]:
+        like = model.get_input_embeddings().weight
+        encoder = PrefixEncoder(model.config, config, like)
+        model.add_module("prefix_encoder", encoder)
+        backbone = model.get_submodule(layout.backbone)
+        accepts = set(inspect.signature(backbone.forward).parameters)
+        backbone.register_forward_pre_hook(PrefixHook(encoder, model.config, accepts), with_kwargs=True)
+        return [encoder]
+
+
+METHOD = _Prefix()
