@@ -95,11 +95,13 @@ class PrefixHook:
         n = self.encoder.n
         device = (ids if ids is not None else embeds).device
         cache = kwargs.get("past_key_values")
-        if cache is None or cache.get_seq_length() == 0:
-            cache = cache if cache is not None else DynamicCache(config=self.config)
+        # Without use_cache a caller may still hand back the cache of its previous call: start afresh.
+        if cache is None or kwargs.get("use_cache") is False:
+            cache = DynamicCache(config=self.config)
+        if cache.get_seq_length() == 0:
             for layer, (k, v) in enumerate(self.encoder.key_values(batch)):
                 cache.update(k, v, layer)
-            kwargs["past_key_values"] = cache
+        kwargs["past_key_values"] = cache
         past = cache.get_seq_length()  # prefix included
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2:
