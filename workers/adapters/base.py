@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import ClassVar, Protocol
 
+import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 from transformers import PreTrainedModel
@@ -64,3 +65,16 @@ def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
                 continue
             seen.add(id(param))
             yield (f"{module_name}.{rel}" if module_name else rel), param
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter parameter and persistent adapter buffer (MoSA masks), keyed by full name."""
+    state: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules():
+        if not isinstance(module, AdapterLayer):
+            continue
+        skip = f"{module.base_layer_attr}."
+        for rel, tensor in module.state_dict(keep_vars=True).items():
+            if not rel.startswith(skip):
+                state[f"{module_name}.{rel}" if module_name else rel] = tensor
+    return state
