@@ -162,7 +162,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         model = tiny_model("llama")
         inject(model, adapter(**METHODS["parallel-attn-mlp"]))
         if checkpointing:
-            model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         model(IDS, labels=IDS).loss.backward()
         grads.append({n: p.grad.clone() for n, p in adapter_parameters(model)})
