@@ -61,6 +61,64 @@ def plan(
     typer.echo(f"  trainable share       {counts.percent:>15.4f}%")
 
 
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Option(help="a hub id, or a folder with config.json")],
+    tasks: Annotated[str, typer.Option(help="comma-separated task names, e.g. gsm8k,svamp")],
+    adapter: Annotated[Path | None, typer.Option(help="an adapter folder saved by adaptune")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer (default: the model's); `byte` built in")] = None,
+    random_init: Annotated[bool, typer.Option(help="random weights from the model's config")] = False,
+    data_root: Annotated[str | None, typer.Option(help="data folder (default: $ADAPTUNE_DATA or ./data)")] = None,
+    limit: Annotated[int | None, typer.Option(help="the first N questions of each set")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for predictions and results.json")] = None,
+    protocol: Annotated[str, typer.Option(help="batched | paper (batch 1, beam search 4)")] = "batched",
+    scoring: Annotated[str, typer.Option(help="paper | strict")] = "paper",
+    max_new_tokens: Annotated[int, typer.Option()] = 256,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    template: Annotated[str, typer.Option(help="paper | alpaca prompt template")] = "paper",
+) -> None:
+    """Evaluate a base model (zero-shot) or a base model with an adapter on the paper's tasks."""
+    import torch
+    from pydantic import ValidationError
+
+    from workers.adapters.io import load_adapter, read_adapter_config
+    from workers.data import data_root as resolve_root
+    from workers.data import task, task_file
+    from workers.evaluate import evaluate
+    from workers.model_loading import build_model, load_tokenizer
+    from workers.spec import EvalSpec, config_error_from
+
+    try:
+        spec = EvalSpec(protocol=protocol, scoring=scoring, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, limit=limit)
+    except ValidationError as exc:
+        raise config_error_from(exc, None, "eval") from None
+    if template not in ("paper", "alpaca"):
+        raise ConfigError(None, "--template", f"expected paper or alpaca, got {template!r}")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    root = resolve_root(data_root)
+    for name in names:  # every set is checked before the model loads
+        task(name)
+        task_file(name, root)
+    if adapter is not None:
+        read_adapter_config(adapter)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    net = build_model(model, random_init=random_init, dtype=dtype, device=device)
+    if adapter is not None:
+        load_adapter(net, adapter)
+    tok = load_tokenizer(tokenizer or model)
+    result = evaluate(net, tok, names, spec, root=root, out_dir=out, template=template)
+    for name, res in result.tasks.items():
+        typer.echo(f"{name:<12} {res.accuracy:7.2%}  ({res.correct}/{res.total})")
+    typer.echo(f"{'macro':<12} {result.macro_accuracy:7.2%}  "
+               f"{result.generated_tokens / max(result.seconds, 1e-9):,.0f} generated tok/s")
+    if out is not None:
+        summary = {**result.metrics(), "generated_tokens": result.generated_tokens, "seconds": result.seconds}
+        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        typer.echo(f"predictions and results.json in {out}")
+
+
 def main() -> None:
     """Entry point of the `adaptune` script."""
     try:

@@ -87,6 +87,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     except (OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0]
         raise ConfigError(None, "tokenizer", f"cannot load a tokenizer for {name!r}: {reason}") from None
+    return ensure_pad_token(tok)
+
+
+def ensure_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give `tok` a pad token where it has none: unk where it has one, else EOS."""
     if tok.pad_token is None:
         # The paper's LLaMA runs pad with id 0 (unk); other families have only an EOS.
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token

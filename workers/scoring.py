@@ -29,8 +29,8 @@ Scoring = Literal["paper", "strict"]
 
 TOLERANCE = 0.001
 _NUMBER = re.compile(r"-?\d+\.?\d*")
-_ANSWER_IS = re.compile(r"answer(?:\s+is|\s*:)\s*[:\-]?\s*\(?\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
-_LETTER_STRICT = re.compile(r"(?:answer(?:\s+is|\s*:)\s*\(?([A-E])\b|\(([A-E])\)|\b([A-E])\))")
+_ANSWER_IS = re.compile(r"answer(?:\s+is)?\s*:?\s*\(?\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
+_LETTER_STRICT = re.compile(r"(?:(?i:answer)(?:\s+is)?\s*:?\s*\(?([A-E])\b|\(([A-E])\)|\b([A-E])\))")
 _RESPONSE = "### Response:"
 
 

@@ -1,0 +1,121 @@
+"""Evaluation: batched greedy decoding equals one-at-a-time decoding, predictions files, the CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from orchestrator.cli import main
+from workers.evaluate import evaluate, generate_greedy
+from workers.model_loading import byte_tokenizer
+from workers.spec import EvalSpec
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["What is 2 + 3?", "Hi", "Tell me about alpacas and llamas please", "x", "12 * 7 =", "Why?"]
+
+
+def _tokenizer_whose_eos_occurs(model) -> tuple:
+    """A byte tokenizer whose EOS is a token the model emits mid-sequence for some prompts only."""
+    tok = byte_tokenizer()
+    free, _ = generate_greedy(model, tok, PROMPTS, 12, batch_size=len(PROMPTS))
+    inner = Counter(t for seq in free for t in set(seq[1:]))
+    eos = next(t for t, n in inner.most_common() if 0 < n < len(PROMPTS))
+    tok.eos_token = tok.convert_ids_to_tokens(eos)
+    return tok, eos
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "gpt2"])
+def test_batched_greedy_equals_one_at_a_time_and_stops_at_eos(family: str) -> None:
+    model = tiny_model(family)
+    tok, eos = _tokenizer_whose_eos_occurs(model)
+    batched, n = generate_greedy(model, tok, PROMPTS, 12, batch_size=4)
+    single = [generate_greedy(model, tok, [p], 12, batch_size=1)[0][0] for p in PROMPTS]
+    assert batched == single
+    assert n == sum(len(s) for s in batched)
+    assert any(len(s) < 12 for s in batched), "some row must have stopped at EOS"
+    assert all(eos not in s for s in batched)
+    reference = [
+        model.generate(torch.tensor([tok(p)["input_ids"]]), max_new_tokens=12, do_sample=False,
+                       eos_token_id=eos, pad_token_id=0)[0, len(tok(p)["input_ids"]):].tolist()
+        for p in PROMPTS
+    ]
+    assert single == [r[: r.index(eos)] if eos in r else r for r in reference]
+
+
+def test_evaluate_writes_predictions_and_accuracies(shared_data: Path, tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    result = evaluate(model, byte_tokenizer(), ["gsm8k", "aqua", "piqa"], EvalSpec(limit=5, max_new_tokens=8),
+                      root=shared_data, out_dir=tmp_path)
+    assert set(result.tasks) == {"gsm8k", "aqua", "piqa"}
+    for name, res in result.tasks.items():
+        rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == res.total == 5
+        assert {"id", "prompt", "generation", "extracted", "gold", "correct"} <= rows[0].keys()
+        assert res.correct == sum(r["correct"] for r in rows)
+        assert rows[0]["prompt"].endswith("### Response:\n                ")
+    assert result.macro_accuracy == pytest.approx(sum(r.accuracy for r in result.tasks.values()) / 3)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_paper_protocol_runs_beam_search(shared_data: Path) -> None:
+    model = tiny_model("llama")
+    spec = EvalSpec(protocol="paper", limit=2, max_new_tokens=4)
+    result = evaluate(model, byte_tokenizer(), ["boolq"], spec, root=shared_data)
+    assert result.tasks["boolq"].total == 2 and result.generated_tokens == 8
+
+
+def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["adaptune", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_eval_cli_with_an_adapter(shared_data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    from workers.adapters.io import save_adapter
+    from workers.adapters.registry import inject
+    from workers.model_loading import build_model
+    from workers.spec import parse_trial_spec
+
+    folder = str(REPO / "sweeps" / "models" / "tiny-llama")
+    spec = parse_trial_spec({"model": folder, "adapter": {"type": "lora", "placement": ["q", "v"], "rank": 2}})
+    model = build_model(folder, random_init=True)
+    inject(model, spec.adapter)
+    save_adapter(model, spec.adapter, tmp_path / "adapter")
+    code, out, err = run_cli([
+        "eval", "--model", folder, "--random-init", "--tokenizer", "byte", "--adapter", str(tmp_path / "adapter"),
+        "--tasks", "gsm8k,boolq", "--limit", "3", "--max-new-tokens", "4", "--data-root", str(shared_data),
+        "--out", str(tmp_path / "out"),
+    ], monkeypatch, capsys)
+    assert code == 0, err
+    assert "gsm8k" in out and "macro" in out
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(summary) >= {"accuracy/gsm8k", "accuracy/boolq", "accuracy/macro", "generated_tokens"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--tasks", "gsm9k"], "unknown task 'gsm9k'"),
+        (["--tasks", "hellaswag"], "no test file for task 'hellaswag'"),
+        (["--tasks", "gsm8k", "--adapter", "/nonexistent/adapter"], "no adapter config here"),
+        (["--tasks", "gsm8k", "--protocol", "fast"], "eval.protocol"),
+    ],
+)
+def test_eval_cli_bad_input(extra, needle, shared_data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    folder = str(REPO / "sweeps" / "models" / "tiny-llama")
+    args = ["eval", "--model", folder, "--random-init", "--tokenizer", "byte", "--data-root", str(shared_data),
+            "--out", str(tmp_path / "out"), *extra]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 2 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
