@@ -116,6 +116,6 @@ def test_eval_cli_bad_input(extra, needle, shared_data: Path, tmp_path: Path, mo
     folder = str(REPO / "sweeps" / "models" / "tiny-llama")
     args = ["eval", "--model", folder, "--random-init", "--tokenizer", "byte", "--data-root", str(shared_data),
             "--out", str(tmp_path / "out"), *extra]
-    code, out, err = run_cli(args, monkeypatch, capsys)
+    code, _, err = run_cli(args, monkeypatch, capsys)
     assert code == 2 and needle in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
