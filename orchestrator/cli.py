@@ -61,6 +61,46 @@ def plan(
     typer.echo(f"  trainable share       {counts.percent:>15.4f}%")
 
 
+@app.command()
+def trial(
+    spec_file: Annotated[Path, typer.Argument(help="a trial spec (YAML)")],
+    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI")] = "sqlite:///mlflow.db",
+    experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "adaptune-trials",
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="default: runs/trials/<trial id>")] = None,
+) -> None:
+    """Fine-tune and evaluate one trial in this process (under torchrun: data-parallel); resumable."""
+    import os
+
+    from workers.job import run_trial, trial_id
+    from workers.spec import load_trial_spec
+    from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus, check_tracking_uri
+
+    spec = load_trial_spec(spec_file)
+    try:
+        check_tracking_uri(tracking_uri)
+    except ConfigError as exc:
+        raise ConfigError("--tracking-uri", None, exc.message) from None
+    ident = trial_id(spec)
+    folder = checkpoint_dir or Path("runs") / "trials" / ident
+    # Under torchrun every rank runs this command; only rank 0 writes the MLflow run.
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    tracker = (MlflowTracker(tracking_uri, experiment, spec.name or spec.adapter.short_name(), trial_id=ident)
+               if rank0 else MemoryTracker())
+    try:
+        result = run_trial(spec, tracker, folder)
+    except ConfigError as exc:
+        raise exc.located(str(spec_file)) from None
+    if not rank0:
+        return
+    typer.echo(f"{spec.adapter.short_name()}: {result.status}")
+    for key, value in sorted(result.metrics.items()):
+        typer.echo(f"  {key:<28} {value:.6g}")
+    if result.status != TrialStatus.SUCCEEDED:
+        typer.echo(f"  error: {result.error}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"adapter: {result.adapter_dir}   MLflow: {tracking_uri} (adaptune ui)")
+
+
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Option(help="a hub id, or a folder with config.json")],

@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models spend more on thread hand-offs than on arithmetic: one intra-op thread is faster,
+# and on a shared 2-core runner several times faster (oversubscription). Worker processes that
+# Ray, DeepSpeed or torchrun start set their own.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ADAPTUNE_SHARED", REPO.parent / "shared"))

@@ -46,6 +46,29 @@ def test_batched_greedy_equals_one_at_a_time_and_stops_at_eos(family: str) -> No
         for p in PROMPTS
     ]
     assert single == [r[: r.index(eos)] if eos in r else r for r in reference]
+    budget, n_budget = generate_greedy(model, tok, PROMPTS, 12, batch_size=4, stop_at_eos=False)
+    assert n_budget == 12 * len(PROMPTS) and all(s[: len(b)] == b for s, b in zip(budget, batched, strict=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_batched_greedy_with_a_prefix_adapter_equals_generate(family: str) -> None:
+    """The prefix hook fills our empty cache and extends our mask: rows of different padding still agree."""
+    from workers.adapters.registry import inject
+    from workers.spec import parse_trial_spec
+
+    model = tiny_model(family)
+    spec = parse_trial_spec({"model": "unused", "adapter": {"type": "prefix", "virtual_tokens": 3}})
+    inject(model, spec.adapter)
+    tok = byte_tokenizer()
+    batched, _ = generate_greedy(model, tok, PROMPTS, 8, batch_size=len(PROMPTS), stop_at_eos=False)
+    reference = [
+        model.generate(torch.tensor([tok(p)["input_ids"]]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                       pad_token_id=0)[0, len(tok(p)["input_ids"]):].tolist()
+        for p in PROMPTS
+    ]
+    assert batched == reference
+    plain, _ = generate_greedy(tiny_model(family), tok, PROMPTS, 8, batch_size=len(PROMPTS), stop_at_eos=False)
+    assert plain != batched, "the prefix must change what the model generates"
 
 
 def test_evaluate_writes_predictions_and_accuracies(shared_data: Path, tmp_path: Path) -> None:

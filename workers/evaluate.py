@@ -53,8 +53,8 @@ class EvalResult:
         return out
 
 
-def _accepts_position_ids(model: PreTrainedModel) -> bool:
-    return "position_ids" in inspect.signature(model.forward).parameters
+def _accepts(model: PreTrainedModel, argument: str) -> bool:
+    return argument in inspect.signature(model.forward).parameters
 
 
 @torch.no_grad()
@@ -64,13 +64,22 @@ def generate_greedy(
     prompts: Sequence[str],
     max_new_tokens: int,
     batch_size: int,
+    *,
+    stop_at_eos: bool = True,
 ) -> tuple[list[list[int]], int]:
-    """Greedy continuations of `prompts` (token ids, EOS excluded) and the number generated."""
+    """Greedy continuations of `prompts` (token ids, EOS excluded) and the number generated.
+
+    `stop_at_eos=False` generates exactly `max_new_tokens` per prompt (benchmarks on random weights).
+    """
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    with_positions = _accepts_position_ids(model)
+    eos = tokenizer.eos_token_id
+    # Padded positions are masked out, so any id serves where the tokenizer has no pad token.
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    with_positions = _accepts(model, "position_ids")
+    # Only the last position's logits are needed; the full prefill logits would cost batch x width x vocab.
+    last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     outputs: list[list[int]] = [[] for _ in prompts]
     generated = 0
     for start in range(0, len(order), batch_size):
@@ -88,14 +97,15 @@ def generate_greedy(
         step_ids = ids
         tokens: list[torch.Tensor] = []
         for _ in range(max_new_tokens):
-            kwargs = {"position_ids": positions} if with_positions else {}
+            kwargs = {"position_ids": positions, **last_only} if with_positions else last_only
             logits = model(
                 input_ids=step_ids, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs
             ).logits[:, -1]
             nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             tokens.append(nxt)
-            done |= nxt == eos
+            if stop_at_eos:
+                done |= nxt == eos
             if bool(done.all()):
                 break
             step_ids = nxt[:, None]
@@ -104,7 +114,7 @@ def generate_greedy(
         steps = torch.stack(tokens, dim=1).tolist()
         for r, i in enumerate(rows):
             seq = steps[r]
-            if eos in seq:
+            if stop_at_eos and eos in seq:
                 seq = seq[: seq.index(eos)]
             outputs[i] = seq
             generated += len(seq)

@@ -1,41 +1,49 @@
 """The bottleneck shared by series, parallel and MoSA adapters, and the wrappers that place it.
 
-    f(x) = s · W_up · act(W_down · dropout(x))        (+ biases when `bias` is on)
+    f(x) = s · (W_up · act(W_down · dropout(x) + b_down) + b_up)      (biases only when `bias` is on)
 
 W_down: d_in -> b and W_up: b -> d_out, with b the bottleneck size and s a fixed or learned scale.
 Every placement reduces to wrapping linears (see workers/placement/slots.py):
 
-    input side   (q, k, v, gate, up):  y = W (z + s·f(z))            `InputAdapter`
-    output side  (o, down, sublayer):  y = h + s·f(h),  h = W x       `OutputAdapter`
-    beside       (per-linear parallel): y = W z + b + s·f(z)         `ParallelLinear`
-    beside a sublayer:  the entry linear's input z is tapped, the exit linear adds s·f(z)
-                        to its output                              `TapEntry` + `ParallelExit`
+    input side   (q, k, v, qkv, gate, up):  y = W (z + f(z))          `InputAdapter`
+    output side  (o, down; attn, mlp):       y = h + f(h),  h = W x    `OutputAdapter`
+    beside one linear:                       y = W z + b + f(z)        `ParallelLinear`
+    beside a sublayer:  the entry linear's input z is tapped, the exit linear adds f(z) to its
+                        output                                         `TapEntry` + `ParallelExit`
 
-`residual: false` drops the adapter's own skip (z + s·f(z) becomes s·f(z)), for the residual
-study of PETL-AST; it exists on series adapters only.
+`residual: false` (series only, the PETL-AST residual study) drops the adapter's own skip:
+y = W f(z) and y = f(h).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from workers.adapters.base import AdapterConfig, AdapterLayer, replace_module
 from workers.errors import ConfigError
 from workers.placement import FamilyLayout, LinearTarget, Slot, linear_dims, linear_targets, sublayer_targets
-from workers.placement.slots import SUBLAYERS
+from workers.placement.slots import SLOTS, SUBLAYERS
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
-ABBREV = {"attn": "attn", "mlp": "mlp", "q": "q", "k": "k", "v": "v", "o": "o", "gate": "g", "up": "u", "down": "d"}
+ABBREV = {"q": "q", "k": "k", "v": "v", "o": "o", "gate": "g", "up": "u", "down": "d"}
+# Roles whose input is the sublayer's input: a series adapter there acts before the linear.
+INPUT_SIDE = ("q", "k", "v", "qkv", "gate", "up")
 
 
-def placement_tag(placement: list[str]) -> str:
-    """`[q, k, v, up, down]` -> `qkvud`; sublayers keep their names: `[attn, mlp]` -> `attn-mlp`."""
-    subs = [s for s in placement if s in SUBLAYERS]
-    roles = "".join(ABBREV[s] for s in placement if s not in SUBLAYERS)
+def placement_tag(placement: Sequence[str]) -> str:
+    """`[q, k, v, up, down]` -> `qkvud`; sublayers keep their names: `[attn, mlp, down]` -> `attn-mlp-d`.
+
+    Slots come in vocabulary order, so the same placement always has the same tag.
+    """
+    ordered = [s for s in SLOTS if s in placement]
+    subs = [s for s in ordered if s in SUBLAYERS]
+    roles = "".join(ABBREV[s] for s in ordered if s not in SUBLAYERS)
     return "-".join([*subs, *([roles] if roles else [])])
 
 
@@ -45,10 +53,18 @@ class BottleneckOptions(AdapterConfig):
     placement: list[Slot] = Field(min_length=1)
     bottleneck: int = Field(gt=0, description="the bottleneck size b")
     activation: Literal["tanh", "relu", "gelu", "silu"] = "tanh"
-    scaling: float | Literal["learned"] = 1.0
+    scaling: float | Literal["learned"] = Field(1.0, description="s; `learned`: one scalar parameter, from 1.0")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    init: Literal["paper", "zero"] = Field("paper", description="paper: N(0, 0.02) both; zero: W_up = 0")
+    init: Literal["paper", "zero"] = Field("paper", description="paper: N(0, 0.02) both; zero: W_up = 0 (identity)")
     bias: bool = False
+
+    @field_validator("scaling", mode="before")
+    @classmethod
+    def _number_or_learned(cls, value: object) -> object:
+        # Else pydantic reports the union's first member alone: "adapter.scaling.float: not a number".
+        if value != "learned" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError("expected a number or 'learned'")
+        return value
 
     @model_validator(mode="after")
     def _unique_placement(self) -> BottleneckOptions:
@@ -56,54 +72,70 @@ class BottleneckOptions(AdapterConfig):
             raise ValueError(f"placement {self.placement} names a slot twice")
         return self
 
+    def option_tags(self) -> list[str]:
+        """The options that differ from their defaults, compactly (`relu`, `slearned`, `zinit`, ...)."""
+        tags = [] if self.activation == "tanh" else [self.activation]
+        if self.scaling != 1.0:
+            tags.append(f"s{self.scaling:g}" if isinstance(self.scaling, float) else f"s{self.scaling}")
+        if self.dropout:
+            tags.append(f"do{self.dropout:g}")
+        if self.init != "paper":
+            tags.append(f"{self.init[0]}init")
+        if self.bias:
+            tags.append("bias")
+        return tags
+
     def short_name(self) -> str:
-        return f"{self.type}-b{self.bottleneck}-{placement_tag(list(self.placement))}"
+        return "-".join([self.type, f"b{self.bottleneck}", placement_tag(self.placement), *self.option_tags()])
 
 
 class Bottleneck(AdapterLayer):
-    """f(x) = s · W_up · act(W_down · dropout(x))."""
+    """f(x) = s · (W_up · act(W_down · dropout(x) + b_down) + b_up)."""
 
     def __init__(
-        self, down: nn.Linear, up: nn.Linear, act: nn.Module, dropout: nn.Module, scale: torch.Tensor
+        self, down: nn.Linear, up: nn.Linear, act: nn.Module, dropout: nn.Module, scale: float | nn.Parameter
     ) -> None:
         super().__init__()
         self.dropout, self.down, self.act, self.up = dropout, down, act, up
-        if isinstance(scale, nn.Parameter):
-            self.scale = scale
-        else:
-            self.register_buffer("scale", scale, persistent=False)
+        self.scale = scale
 
     @classmethod
-    def build(cls, d_in: int, d_out: int, opts: BottleneckOptions, like: torch.Tensor) -> Bottleneck:
-        """A new bottleneck d_in -> b -> d_out on `like`'s device and dtype, initialised per `opts.init`."""
-        kw = {"device": like.device, "dtype": like.dtype}
+    def build(cls, opts: BottleneckOptions, d_in: int, d_out: int, like: torch.Tensor, **extra: Any) -> Bottleneck:
+        """A new bottleneck d_in -> b -> d_out on `like`'s device and dtype, initialised per `opts.init`.
+
+        `paper` is the paper code's `bert` init: both projections N(0, 0.02), biases zero. `zero` is its
+        `mam_adapter` init: W_down keeps nn.Linear's default, W_up = 0, so f = 0 and the model is unchanged.
+        """
+        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         down = nn.Linear(d_in, opts.bottleneck, bias=opts.bias, **kw)
         up = nn.Linear(opts.bottleneck, d_out, bias=opts.bias, **kw)
         with torch.no_grad():
-            # The paper's code initialises both projections N(0, 0.02) and biases with zeros.
-            nn.init.normal_(down.weight, std=0.02)
-            nn.init.zeros_(up.weight) if opts.init == "zero" else nn.init.normal_(up.weight, std=0.02)
+            if opts.init == "paper":
+                nn.init.normal_(down.weight, std=0.02)
+                nn.init.normal_(up.weight, std=0.02)
+            else:
+                nn.init.zeros_(up.weight)
             for lin in (down, up):
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
-        scale = (
-            nn.Parameter(torch.ones((), **kw)) if opts.scaling == "learned" else torch.tensor(float(opts.scaling), **kw)
-        )
-        return cls._from(down, up, ACTIVATIONS[opts.activation](), nn.Dropout(opts.dropout), scale, opts)
+        scale = nn.Parameter(torch.ones((), **kw)) if opts.scaling == "learned" else float(opts.scaling)
+        return cls(down, up, ACTIVATIONS[opts.activation](), nn.Dropout(opts.dropout), scale, **extra)
 
-    @classmethod
-    def _from(
-        cls, down: nn.Linear, up: nn.Linear, act: nn.Module, dropout: nn.Module, scale: torch.Tensor,
-        opts: BottleneckOptions,
-    ) -> Bottleneck:
-        return cls(down, up, act, dropout, scale)
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_down, W_up) as this forward uses them."""
+        return self.down.weight, self.up.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(self.act(self.down(self.dropout(x))))
+        w_down, w_up = self.weights()
+        return self.scale * F.linear(self.act(F.linear(self.dropout(x), w_down, self.down.bias)), w_up, self.up.bias)
+
+
+MakeBottleneck = Callable[[int, int, torch.Tensor], nn.Module]
+"""(d_in, d_out, a weight of the wrapped linear for device and dtype) -> f."""
 
 
 class InputAdapter(AdapterLayer):
-    """y = W (z + s·f(z)), or W (s·f(z)) without the residual."""
+    """y = W (z + f(z)), or W f(z) without the residual."""
 
     def __init__(self, base_layer: nn.Module, adapter: nn.Module, residual: bool = True) -> None:
         super().__init__()
@@ -115,7 +147,7 @@ class InputAdapter(AdapterLayer):
 
 
 class OutputAdapter(AdapterLayer):
-    """y = h + s·f(h) with h = W x, or s·f(h) without the residual."""
+    """y = h + f(h) with h = W x, or f(h) without the residual."""
 
     def __init__(self, base_layer: nn.Module, adapter: nn.Module, residual: bool = True) -> None:
         super().__init__()
@@ -128,7 +160,7 @@ class OutputAdapter(AdapterLayer):
 
 
 class ParallelLinear(AdapterLayer):
-    """y = W z + b + s·f(z), f: in_features -> bottleneck -> out_features."""
+    """y = W z + b + f(z), f: in_features -> bottleneck -> out_features."""
 
     def __init__(self, base_layer: nn.Module, adapter: nn.Module) -> None:
         super().__init__()
@@ -139,14 +171,19 @@ class ParallelLinear(AdapterLayer):
 
 
 class Tap:
-    """Carries a sublayer's input from its entry linear to its exit linear within one block call."""
+    """Carries a sublayer's input from its entry linear to its exit linear within one block call.
+
+    Blocks run their linears in order, and gradient checkpointing re-runs a whole block in order,
+    so the entry always writes before the exit reads. The exit empties the tap: no activation
+    outlives the forward through the tap.
+    """
 
     def __init__(self) -> None:
         self.value: torch.Tensor | None = None
 
 
 class TapEntry(nn.Module):
-    """The entry linear of a sublayer, recording its input for the parallel adapter."""
+    """The entry linear of a sublayer, recording its input z for the parallel adapter."""
 
     def __init__(self, base_layer: nn.Module, tap: Tap) -> None:
         super().__init__()
@@ -158,34 +195,36 @@ class TapEntry(nn.Module):
 
 
 class ParallelExit(AdapterLayer):
-    """The exit linear of a sublayer: its output plus s·f(z) of the sublayer's input z."""
+    """The exit linear of a sublayer: y = W x + b + f(z), z the sublayer's input from the tap."""
 
     def __init__(self, base_layer: nn.Module, adapter: nn.Module, tap: Tap) -> None:
         super().__init__()
         self.base_layer, self.adapter, self.tap = base_layer, adapter, tap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z, self.tap.value = self.tap.value, None  # never keep activations past the forward
+        z, self.tap.value = self.tap.value, None
         if z is None:
             raise RuntimeError("parallel adapter: the sublayer's entry linear did not run before its exit")
         return self.base_layer(x) + self.adapter(z)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    while hasattr(module, "base_layer"):
-        module = module.base_layer
+    """The linear inside any wrappers (a parallel sublayer's entry may wrap a per-linear adapter)."""
+    while hasattr(module, AdapterLayer.base_layer_attr):
+        module = getattr(module, AdapterLayer.base_layer_attr)
     return module
 
 
-def dims(model: nn.Module, target: LinearTarget) -> tuple[int, int]:
+def _dims(model: nn.Module, target: LinearTarget) -> tuple[int, int]:
     return linear_dims(unwrap(model.get_submodule(target.path)))
 
 
-def weight_of(model: nn.Module, target: LinearTarget) -> torch.Tensor:
-    return unwrap(model.get_submodule(target.path)).weight
+def _weight(module: nn.Module) -> torch.Tensor:
+    return unwrap(module).weight
 
 
 def check_bottleneck(opts: BottleneckOptions, d_in: int, d_out: int, where: str) -> None:
+    """The bottleneck must be smaller than every dimension it compresses."""
     if opts.bottleneck >= min(d_in, d_out):
         raise ConfigError(
             None, "adapter.bottleneck",
@@ -194,63 +233,67 @@ def check_bottleneck(opts: BottleneckOptions, d_in: int, d_out: int, where: str)
         )
 
 
-
-INPUT_SIDE = ("q", "k", "v", "qkv", "gate", "up")
-
-
-def split_placement(opts: BottleneckOptions) -> tuple[list[str], list[str]]:
+def _split(placement: Sequence[str]) -> tuple[list[str], list[str]]:
     """(sublayers, linear roles) of a placement."""
-    return [s for s in opts.placement if s in SUBLAYERS], [s for s in opts.placement if s not in SUBLAYERS]
+    return [s for s in placement if s in SUBLAYERS], [s for s in placement if s not in SUBLAYERS]
 
 
 def inject_series(
-    model: nn.Module, layout: FamilyLayout, opts: BottleneckOptions, make: type[Bottleneck],
-    residual: bool = True,
+    model: nn.Module, layout: FamilyLayout, opts: BottleneckOptions, make: MakeBottleneck, residual: bool = True
 ) -> list[nn.Module]:
-    """Series adapters: after each named sublayer (on its exit linear's output) and on each role."""
-    sublayers, roles = split_placement(opts)
-    outputs = [t.exit for t in sublayer_targets(model, layout, sublayers)]
-    per_linear = linear_targets(model, layout, roles) if roles else []
-    paths = [t.path for t in outputs] + [t.path for t in per_linear if t.role not in INPUT_SIDE]
-    if len(paths) != len(set(paths)):
+    """Series adapters after each named sublayer (its exit linear's output) and on each named role.
+
+    Every target is checked before the model is touched: an error leaves it unchanged.
+    """
+    sublayers, roles = _split(opts.placement)
+    sites = [(t.exit, "output") for t in sublayer_targets(model, layout, sublayers)]
+    sites += [(t, "input" if t.role in INPUT_SIDE else "output") for t in linear_targets(model, layout, roles)]
+    outputs = [t.path for t, side in sites if side == "output"]
+    if len(outputs) != len(set(outputs)):
         raise ConfigError(
             None, "adapter.placement",
             f"{opts.placement} places two series adapters on the same output (attn is o's output, mlp is down's)",
         )
+    sizes = []
+    for target, side in sites:
+        d_in, d_out = _dims(model, target)
+        size = d_in if side == "input" else d_out
+        check_bottleneck(opts, size, size, target.path)
+        sizes.append(size)
     inserted: list[nn.Module] = []
-    for target in outputs + per_linear:
-        d_in, d_out = dims(model, target)
-        side_in = target in per_linear and target.role in INPUT_SIDE
-        d = d_in if side_in else d_out
-        check_bottleneck(opts, d, d, target.path)
-        adapter = make.build(d, d, opts, weight_of(model, target))
+    for (target, side), size in zip(sites, sizes, strict=True):
         base = model.get_submodule(target.path)
-        wrapper = InputAdapter(base, adapter, residual) if side_in else OutputAdapter(base, adapter, residual)
-        replace_module(model, target.path, wrapper)
-        inserted.append(wrapper)
+        wrap = InputAdapter if side == "input" else OutputAdapter
+        inserted.append(wrap(base, make(size, size, _weight(base)), residual))
+        replace_module(model, target.path, inserted[-1])
     return inserted
 
 
 def inject_parallel(
-    model: nn.Module, layout: FamilyLayout, opts: BottleneckOptions, make: type[Bottleneck]
+    model: nn.Module, layout: FamilyLayout, opts: BottleneckOptions, make: MakeBottleneck
 ) -> list[nn.Module]:
-    """Parallel adapters: beside each named sublayer (entry input -> exit output) and each role."""
-    sublayers, roles = split_placement(opts)
-    inserted: list[nn.Module] = []
-    for target in linear_targets(model, layout, roles) if roles else []:
-        d_in, d_out = dims(model, target)
-        check_bottleneck(opts, d_in, d_out, target.path)
-        adapter = make.build(d_in, d_out, opts, weight_of(model, target))
-        wrapper = ParallelLinear(model.get_submodule(target.path), adapter)
-        replace_module(model, target.path, wrapper)
-        inserted.append(wrapper)
-    for sub in sublayer_targets(model, layout, sublayers):
-        d_in, d_out = dims(model, sub.entry)[0], dims(model, sub.exit)[1]
+    """Parallel adapters beside each named role and beside each named sublayer (entry input -> exit output).
+
+    Every target is checked before the model is touched: an error leaves it unchanged.
+    """
+    sublayers, roles = _split(opts.placement)
+    per_linear = linear_targets(model, layout, roles)
+    besides = sublayer_targets(model, layout, sublayers)
+    for target in per_linear:
+        check_bottleneck(opts, *_dims(model, target), target.path)
+    for sub in besides:
+        d_in, d_out = _dims(model, sub.entry)[0], _dims(model, sub.exit)[1]
         check_bottleneck(opts, d_in, d_out, f"{layout.layers}.{sub.layer} {sub.name}")
+    inserted: list[nn.Module] = []
+    for target in per_linear:
+        base = model.get_submodule(target.path)
+        inserted.append(ParallelLinear(base, make(*_dims(model, target), _weight(base))))
+        replace_module(model, target.path, inserted[-1])
+    for sub in besides:
         tap = Tap()
-        adapter = make.build(d_in, d_out, opts, weight_of(model, sub.exit))
-        replace_module(model, sub.entry.path, TapEntry(model.get_submodule(sub.entry.path), tap))
-        wrapper = ParallelExit(model.get_submodule(sub.exit.path), adapter, tap)
-        replace_module(model, sub.exit.path, wrapper)
-        inserted.append(wrapper)
+        entry, exit_ = model.get_submodule(sub.entry.path), model.get_submodule(sub.exit.path)
+        adapter = make(_dims(model, sub.entry)[0], _dims(model, sub.exit)[1], _weight(exit_))
+        replace_module(model, sub.entry.path, TapEntry(entry, tap))
+        inserted.append(ParallelExit(exit_, adapter, tap))
+        replace_module(model, sub.exit.path, inserted[-1])
     return inserted

@@ -91,15 +91,17 @@ class _Lora:
         roles = expand_sublayers(config.placement)
         if any(s in ("attn", "mlp") for s in config.placement):
             roles = [r for r in roles if layout.has(r)]
-        inserted: list[nn.Module] = []
-        for target in linear_targets(model, layout, roles):
-            base = model.get_submodule(target.path)
-            d_in, d_out = linear_dims(base)
+        targets = linear_targets(model, layout, roles)
+        for target in targets:  # every layer is checked before the model changes
+            d_in, d_out = linear_dims(model.get_submodule(target.path))
             if config.rank > min(d_in, d_out):
                 raise ConfigError(
                     None, "adapter.rank",
                     f"rank {config.rank} exceeds the layer {target.path} ({d_in} -> {d_out})",
                 )
+        inserted: list[nn.Module] = []
+        for target in targets:
+            base = model.get_submodule(target.path)
             wrapper = LoraLinear(base, config.rank, config.scaling, config.dropout)
             replace_module(model, target.path, wrapper)
             inserted.append(wrapper)

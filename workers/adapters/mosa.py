@@ -2,22 +2,31 @@
 
 A series or parallel bottleneck whose projection weights are split into N disjoint random sparse
 parts: every weight element belongs to exactly one part, M_1 + ... + M_N = 1. In training each
-forward activates one part i and computes with W ⊙ M_i, so a step's gradient reaches only that
-part's elements. In evaluation all parts are active, W ⊙ (M_1 + ... + M_N) = W, and `merge_mosa`
+forward activates one part i and computes with W ⊙ M_i, so its gradient reaches only that part's
+elements. In evaluation all parts are active, W ⊙ (M_1 + ... + M_N) = W, and `merge_mosa`
 replaces every MoSA layer by the dense bottleneck it equals: no extra inference cost.
 
-Choices, against the paper:
-- parts are drawn per forward (per micro-batch), independently per layer, from torch's global RNG,
-  so runs are reproducible under a seed and resume; the paper draws one part per iteration;
-- the optional consistency loss is the symmetric KL divergence between the next-token
-  distributions of two training forwards with different parts, on the positions that have labels,
-  weighted by `consistency_weight` (the paper regularises two sparse forwards towards each other);
-- biases (when on) and a learned scale are shared by all parts: only projection weights are split;
-- masks come from `mask_seed` and are saved with the adapter.
+What we follow: split into non-overlapping parts, train them stochastically one at a time, merge
+after tuning. What we chose or changed:
+- the split is element-wise and uniform: each element's part is drawn from `mask_seed`, with one
+  generator for the whole model, so layers get different masks; masks are buffers, saved with
+  the adapter. Biases (when on) and a learned scale are dense, shared by all parts;
+- a part is drawn per forward (per micro-batch) and per layer, from torch's global RNG: runs are
+  reproducible under a seed, and gradient checkpointing, which restores the RNG before it
+  recomputes a block, recomputes with the same parts;
+- the optional consistency term (`consistency_loss`) is the symmetric KL divergence between the
+  token distributions of two training forwards, each with its own draw of parts; the parts are
+  drawn, not fixed, so that the term stays correct under gradient checkpointing (a recompute
+  happens after the call has returned), which means a layer uses the same part in both forwards
+  with probability 1/N;
+- the paper's hierarchical sparse strategy is not implemented.
+Masking gradients does not freeze the inactive elements under Adam: their moments (and weight
+decay) still move them, as in any masked training with a stateful optimizer.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import torch
@@ -26,71 +35,54 @@ from pydantic import Field
 from torch import nn
 
 from workers.adapters.base import replace_module
-from workers.adapters.bottleneck import Bottleneck, BottleneckOptions, inject_parallel, inject_series
+from workers.adapters.bottleneck import Bottleneck, BottleneckOptions, inject_parallel, inject_series, placement_tag
 from workers.placement import FamilyLayout
 
 
 class MosaConfig(BottleneckOptions):
     type: Literal["mosa"] = "mosa"
     base: Literal["series", "parallel"] = "series"
-    parts: int = Field(4, ge=2, description="N, the number of sparse parts")
-    consistency_weight: float = Field(0.0, ge=0.0)
+    parts: int = Field(4, ge=2, le=255, description="N, the number of sparse parts")
+    consistency_weight: float = Field(0.0, ge=0.0, description="weight of the symmetric-KL consistency term")
     mask_seed: int = 0
 
     def short_name(self) -> str:
-        return super().short_name().replace("mosa-", f"mosa-{self.base}-n{self.parts}-", 1)
+        tags = [*self.option_tags(), *([f"cw{self.consistency_weight:g}"] if self.consistency_weight else [])]
+        head = [self.type, self.base, f"b{self.bottleneck}", f"n{self.parts}", placement_tag(self.placement)]
+        return "-".join([*head, *tags])
 
 
 class SparseBottleneck(Bottleneck):
-    """f(x) = s · (W_up ⊙ M_up,i) · act((W_down ⊙ M_down,i) · dropout(x)), part i active."""
+    """f(x) = s · ((W_up ⊙ M_up,i) · act((W_down ⊙ M_down,i) · dropout(x) + b_down) + b_up), part i active.
+
+    `down_part` / `up_part` hold each weight element's part; in evaluation every part is active.
+    """
 
     def __init__(
-        self, down: nn.Linear, up: nn.Linear, act: nn.Module, dropout: nn.Module, scale: torch.Tensor,
-        parts: int, mask_seed: int,
+        self, down: nn.Linear, up: nn.Linear, act: nn.Module, dropout: nn.Module, scale: float | nn.Parameter,
+        *, parts: int, generator: torch.Generator,
     ) -> None:
         super().__init__(down, up, act, dropout, scale)
         self.parts = parts
         self.active: int | None = None
-        gen = torch.Generator().manual_seed(mask_seed)
         for name, lin in (("down_part", down), ("up_part", up)):
-            # Each weight element is assigned to exactly one of the N parts.
-            part = torch.randint(parts, lin.weight.shape, generator=gen, dtype=torch.int8)
+            part = torch.randint(parts, lin.weight.shape, generator=generator, dtype=torch.uint8)
             self.register_buffer(name, part.to(lin.weight.device))
 
-    @classmethod
-    def _from(
-        cls, down: nn.Linear, up: nn.Linear, act: nn.Module, dropout: nn.Module, scale: torch.Tensor,
-        opts: MosaConfig,
-    ) -> SparseBottleneck:
-        return cls(down, up, act, dropout, scale, opts.parts, opts.mask_seed)
-
     def part_masks(self, which: str) -> torch.Tensor:
-        """The N masks of a projection, stacked: (N, out, in), disjoint, summing to ones."""
+        """The N masks M_1..M_N of projection `which` (down or up), stacked: (N, out, in)."""
         part = getattr(self, f"{which}_part")
-        ids = torch.arange(self.parts, device=part.device).view(-1, 1, 1)
-        return (part.unsqueeze(0) == ids).to(self.down.weight.dtype)
+        ids = torch.arange(self.parts, device=part.device, dtype=part.dtype).view(-1, 1, 1)
+        return (part.unsqueeze(0) == ids).to(getattr(self, which).weight.dtype)
 
-    def summed(self, which: str) -> torch.Tensor:
-        """Σ_i W ⊙ M_i of one projection: the mixture of all parts, part by part."""
-        weight = getattr(self, which).weight
-        return (weight.unsqueeze(0) * self.part_masks(which)).sum(0)
-
-    def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.training:
-            return self.summed("down"), self.summed("up")
+            return self.down.weight, self.up.weight  # W ⊙ Σ_i M_i = W
         i = self.active if self.active is not None else int(torch.randint(self.parts, ()))
         return self.down.weight * (self.down_part == i), self.up.weight * (self.up_part == i)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_down, w_up = self._weights()
-        h = self.act(F.linear(self.dropout(x), w_down, self.down.bias))
-        return self.scale * F.linear(h, w_up, self.up.bias)
-
     def merged(self) -> Bottleneck:
-        """The dense bottleneck with the summed weights of all parts."""
-        with torch.no_grad():
-            for which in ("down", "up"):
-                getattr(self, which).weight.copy_(self.summed(which))
+        """The dense bottleneck Σ_i W ⊙ M_i = W of all parts, sharing this layer's parameters."""
         return Bottleneck(self.down, self.up, self.act, self.dropout, self.scale)
 
 
@@ -101,6 +93,8 @@ def _sparse_layers(model: nn.Module) -> list[tuple[str, SparseBottleneck]]:
 def set_active_part(model: nn.Module, part: int | None) -> None:
     """Fix the part every MoSA layer uses in training (None: draw one per forward)."""
     for _, layer in _sparse_layers(model):
+        if part is not None and not 0 <= part < layer.parts:
+            raise ValueError(f"part {part} out of range: this MoSA adapter has {layer.parts} parts")
         layer.active = part
 
 
@@ -112,15 +106,26 @@ def merge_mosa(model: nn.Module) -> int:
     return len(layers)
 
 
+def symmetric_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """½ (KL(p‖q) + KL(q‖p)) = ½ Σ_v (p_v − q_v)(log p_v − log q_v), per position, in fp32."""
+    log_p, log_q = F.log_softmax(logits_p.float(), dim=-1), F.log_softmax(logits_q.float(), dim=-1)
+    return 0.5 * ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
+
+
 def consistency_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Symmetric KL between the token distributions of two forwards with independently drawn parts."""
-    labels = batch["labels"]
+    """Mean symmetric KL between the next-token distributions of two training forwards of `batch`.
+
+    Each forward draws its own parts. Averaged over the positions the LM loss scores (labels other
+    than -100, shifted), or over all positions when the batch has no labels. Unweighted: the
+    trainer multiplies it by `consistency_weight`.
+    """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    p = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
-    q = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
-    keep = labels[:, 1:] != -100
-    kl = F.kl_div(p, q, log_target=True, reduction="none") + F.kl_div(q, p, log_target=True, reduction="none")
-    return 0.5 * kl.sum(-1)[keep].mean()
+    first, second = model(**inputs).logits, model(**inputs).logits
+    labels = batch.get("labels")
+    if labels is None:
+        return symmetric_kl(first, second).mean()
+    scored = labels[:, 1:] != -100
+    return symmetric_kl(first[:, :-1], second[:, :-1])[scored].mean()
 
 
 class _Mosa:
@@ -128,9 +133,11 @@ class _Mosa:
     config = MosaConfig
 
     def inject(self, model: nn.Module, layout: FamilyLayout, config: MosaConfig) -> list[nn.Module]:
+        generator = torch.Generator().manual_seed(config.mask_seed)
+        make = partial(SparseBottleneck.build, config, parts=config.parts, generator=generator)
         if config.base == "series":
-            return inject_series(model, layout, config, SparseBottleneck)
-        return inject_parallel(model, layout, config, SparseBottleneck)
+            return inject_series(model, layout, config, make)
+        return inject_parallel(model, layout, config, make)
 
 
 METHOD = _Mosa()

@@ -4,8 +4,15 @@
 
 The prefix enters through the transformers cache: a forward pre-hook on the family's backbone puts
 P_k, P_v into the `DynamicCache` as if n tokens had been seen before the input, and extends the
-attention mask by n ones on the left. So training, cached generation and uncached generation all
-run the model's own attention code, on every family.
+attention mask by n ones on the left (n attending columns in a 4-D mask, such as the block masks
+of packed rows). So training, cached generation and uncached generation all run the model's own
+attention code, on every family.
+
+Under gradient checkpointing transformers drops the cache of every checkpointed block (GPT-2 already
+in its backbone loop), which would drop the prefix while the mask still counts it. A pre-hook on
+each attention module hands it a prefix-only cache whenever its cache arrives as None; it reads the
+encoder inside the block, so the backward's recomputation gets the same tensors and the encoder its
+gradient (with `reparametrize`, the MLP then runs once per layer: cheap for n rows).
 
 Position ids of the real tokens do not count the prefix: they come from the un-extended attention
 mask (cumsum - 1), exactly as `generate` computes them, so the three paths agree. On families
@@ -26,6 +33,7 @@ import torch
 from pydantic import Field
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
+from transformers.cache_utils import Cache, DynamicLayer
 
 from workers.adapters.base import AdapterConfig, AdapterLayer
 from workers.placement import FamilyLayout
@@ -82,6 +90,41 @@ class PrefixEncoder(AdapterLayer):
         ]
 
 
+class _PrefixOnlyLayer(DynamicLayer):
+    """A cache layer holding the prefix only: `update` returns prefix + new states and stores nothing."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+class PrefixOnlyCache(Cache):
+    """The prefix as a cache that stores nothing: what a checkpointed attention gets instead of None."""
+
+    def __init__(self, key_values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        super().__init__(layers=[_PrefixOnlyLayer(k, v) for k, v in key_values])
+
+
+class AttentionPrefixHook:
+    """Pre-hook of one attention module: the prefix back when its cache was dropped (checkpointing)."""
+
+    def __init__(self, encoder: PrefixEncoder, attention: nn.Module) -> None:
+        self.encoder = encoder
+        params = inspect.signature(attention.forward).parameters
+        self.name = next(name for name in ("past_key_values", "layer_past") if name in params)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        # Every family passes the cache to its attention by keyword.
+        if kwargs.get(self.name) is None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kwargs[self.name] = PrefixOnlyCache(self.encoder.key_values(hidden.shape[0]))
+        return args, kwargs
+
+
 class PrefixHook:
     """Forward pre-hook of the backbone that injects the prefix into the cache and the mask."""
 
@@ -110,9 +153,13 @@ class PrefixHook:
             missing = past + new - mask.shape[1]
             if missing > 0:
                 kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, missing), mask], dim=-1)
-        elif mask is None and "position_ids" in self.accepts and kwargs.get("position_ids") is None:
-            start = past - n
-            kwargs["position_ids"] = torch.arange(start, start + new, device=device)[None]
+        else:
+            if mask is not None and mask.shape[-1] == past - n + new:
+                attend = mask.new_zeros if mask.is_floating_point() else mask.new_ones  # additive or boolean
+                kwargs["attention_mask"] = torch.cat([attend((*mask.shape[:-1], n)), mask], dim=-1)
+            if "position_ids" in self.accepts and kwargs.get("position_ids") is None:
+                start = past - n
+                kwargs["position_ids"] = torch.arange(start, start + new, device=device)[None]
         if "cache_position" in self.accepts:
             kwargs["cache_position"] = torch.arange(past, past + new, device=device)
         return args, kwargs
@@ -129,6 +176,11 @@ class _Prefix:
         backbone = model.get_submodule(layout.backbone)
         accepts = set(inspect.signature(backbone.forward).parameters)
         backbone.register_forward_pre_hook(PrefixHook(encoder, model.config, accepts), with_kwargs=True)
+        # A block's attention module is the parent of its query (or fused qkv) projection.
+        attention = (layout.fused_qkv or layout.linears["q"]).rpartition(".")[0]
+        for block in model.get_submodule(layout.layers):
+            module = block.get_submodule(attention)
+            module.register_forward_pre_hook(AttentionPrefixHook(encoder, module), with_kwargs=True)
         return [encoder]
 
 

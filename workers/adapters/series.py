@@ -1,15 +1,16 @@
 """Series adapters (Houlsby et al. 2019; Pfeiffer et al. 2020): a bottleneck after a sublayer.
 
-    h' = h + s · f(h)        h: the sublayer's output, inside its residual branch
+    h' = h + f(h)        h: the sublayer's output, inside its residual branch
 
 `attn` places it on the attention output (o's output), `mlp` on the MLP output (down's output);
 presets: `houlsby` = [attn, mlp], `pfeiffer` = [mlp]. On a linear role it takes the paper code's
-per-linear form: on q, k, v, gate, up it acts on the linear's input, y = W (z + s·f(z)); on o and
-down on its output, y = h + s·f(h).
+per-linear form: on q, k, v, gate, up it acts on the linear's input, y = W (z + f(z)); on o and
+down on its output, y = h + f(h). `residual: false` drops the adapter's own skip.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal
 
 from pydantic import model_validator
@@ -28,7 +29,7 @@ class SeriesConfig(BottleneckOptions):
     @model_validator(mode="before")
     @classmethod
     def _preset(cls, data: Any) -> Any:
-        """`preset: houlsby` stands for its placement; a preset and a placement together are an error."""
+        """`preset: houlsby` stands for its placement, which is what the config keeps."""
         if isinstance(data, dict) and "preset" in data:
             data = dict(data)
             preset = data.pop("preset")
@@ -39,13 +40,16 @@ class SeriesConfig(BottleneckOptions):
             data["placement"] = PRESETS[preset]
         return data
 
+    def option_tags(self) -> list[str]:
+        return [*super().option_tags(), *([] if self.residual else ["nores"])]
+
 
 class _Series:
     name = "series"
     config = SeriesConfig
 
     def inject(self, model: nn.Module, layout: FamilyLayout, config: SeriesConfig) -> list[nn.Module]:
-        return inject_series(model, layout, config, Bottleneck, residual=config.residual)
+        return inject_series(model, layout, config, partial(Bottleneck.build, config), residual=config.residual)
 
 
 METHOD = _Series()

@@ -6,7 +6,7 @@ Adding a family is adding a row to `FAMILIES`; nothing else in adaptune names a 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 from transformers import PretrainedConfig
@@ -31,7 +31,9 @@ class FamilyLayout:
     layers: str
     linears: Mapping[str, str]
     fused_qkv: str | None = None
-    notes: str = field(default="", compare=False)
+    # Packed rows need a 4-D block-diagonal mask; BLOOM (ALiBi from a 2-D mask) and GPT-J (adds the
+    # mask to its scores) do not take one.
+    packs: bool = True
 
     def has(self, role: str) -> bool:
         return role in self.linears or (role in QKV and self.fused_qkv is not None)
@@ -64,6 +66,7 @@ FAMILIES: tuple[FamilyLayout, ...] = (
         layers="transformer.h",
         linears={"o": "self_attention.dense", "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"},
         fused_qkv="self_attention.query_key_value",
+        packs=False,
     ),
     FamilyLayout(
         name="opt",
@@ -84,6 +87,7 @@ FAMILIES: tuple[FamilyLayout, ...] = (
             "q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.out_proj",
             "up": "mlp.fc_in", "down": "mlp.fc_out",
         },
+        packs=False,
     ),
     FamilyLayout(
         name="gpt2",

@@ -1,0 +1,236 @@
+"""Before a sweep starts on a cluster: can the driver reach Ray and MLflow, and can every node?
+
+Each check turns a misconfiguration into one `ConfigError` naming the field and the fix, within
+seconds, where it would otherwise hang (`ray.init` on an address that does not answer waits for
+minutes) or fail once per trial. The driver calls, in this order:
+
+    check_address(address)             # before ray.init(address=...)
+    check_tracking(tracking_uri)       # from the driver's machine
+    ray.init(address=...)
+    check_nodes(storage, tracking_uri) # from every alive node, through Ray
+
+`check_nodes` is the only function here that needs Ray (imported inside it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+from workers.errors import ConfigError
+from workers.tracking import check_tracking_uri, redact
+
+DATABASE_SCHEMES = frozenset({"postgresql", "mysql", "mssql"})
+_LOCAL_ADDRESSES = frozenset({"", "auto", "local"})
+
+
+# --- Ray ---------------------------------------------------------------------------------------
+
+def _host_port(address: str) -> tuple[str, int]:
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(None, "--address", f"{address!r} is not HOST:PORT (e.g. 10.0.0.1:6379 or ray://10.0.0.1:10001)")
+    return host.strip("[]"), int(port)
+
+
+def _tcp_error(host: str, port: int, timeout_s: float) -> str | None:
+    """None when something listens on host:port, else why not."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except TimeoutError:
+        return f"no answer within {timeout_s:.0f} s"
+    except socket.gaierror:
+        return f"the host name {host} does not resolve"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+def check_address(address: str | None, timeout_s: float = 20.0) -> None:
+    """The Ray cluster at `address` answers, is Ray (same version) and accepts this process's token.
+
+    `None`, `auto` and `local` are left to `ray.init`, which finds or starts a cluster by itself.
+    """
+    if address is None or address in _LOCAL_ADDRESSES:
+        return
+    host, port = _host_port(address)
+    reason = _tcp_error(host, port, min(5.0, timeout_s))
+    if reason:
+        raise ConfigError(None, "--address", f"the Ray cluster at {address} does not answer: {reason}")
+    if address.startswith("ray://"):
+        return
+    # `ray health-check` opens the same GCS connection as ray.init, in a process we can time out.
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray") or "ray"
+    try:
+        done = subprocess.run([ray_bin, "health-check", "--address", f"{host}:{port}"],
+                              capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(None, "--address", f"{address} accepts connections but is not a Ray cluster's GCS port "
+                                             f"(the --port of `ray start --head`, 6379 by default)") from None
+    if done.returncode == 0:
+        return
+    output = done.stderr + done.stdout
+    if "InvalidAuthToken" in output or "AuthenticationError" in output:
+        raise ConfigError(None, "--address", f"the Ray cluster at {address} refused this process's token: set "
+                                             f"RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the cluster's token")
+    last = next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "no output")
+    raise ConfigError(None, "--address", f"the Ray cluster at {address} cannot be used: {last}")
+
+
+# --- MLflow ------------------------------------------------------------------------------------
+
+def _scheme(uri: str) -> str:
+    return urlparse(uri).scheme.split("+", 1)[0].lower()
+
+
+def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
+    """The tracking store at `uri` answers and accepts this process's credentials.
+
+    MLflow servers (http, https) get one authenticated API call; databases one connection;
+    anything else goes to `workers.tracking.check_tracking_uri` (sqlite: a writable folder).
+    """
+    scheme = _scheme(uri)
+    if scheme in ("http", "https"):
+        _check_server(uri, timeout_s)
+    elif scheme in DATABASE_SCHEMES:
+        _check_database(uri, timeout_s)
+    else:
+        check_tracking_uri(uri)
+
+
+def _check_server(uri: str, timeout_s: float) -> None:
+    import requests
+
+    shown = redact("tracking.uri", uri)
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    try:
+        response = requests.get(
+            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+            params={"max_results": 1},
+            auth=(user, password) if user and password else None,
+            headers={"Authorization": f"Bearer {token}"} if token else None,
+            timeout=timeout_s,
+        )
+    except requests.Timeout:
+        raise ConfigError(None, "tracking.uri", f"{shown} did not answer within {timeout_s:.0f} s") from None
+    except requests.RequestException as exc:
+        raise ConfigError(None, "tracking.uri", f"{shown} does not answer ({type(exc).__name__})") from None
+    if response.status_code == 401:
+        raise ConfigError(None, "tracking.uri", f"{shown} rejects the credentials: set MLFLOW_TRACKING_USERNAME "
+                                                f"and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+    if response.status_code == 403 and "Host header" in response.text:
+        raise ConfigError(None, "tracking.uri", f"{shown} refuses the host name {urlparse(uri).netloc}: add it to "
+                                                f"the server's --allowed-hosts")
+    if response.status_code == 403:
+        raise ConfigError(None, "tracking.uri", f"{shown} forbids this user to read experiments")
+    if response.status_code != 200:
+        raise ConfigError(None, "tracking.uri", f"{shown} answered {response.status_code} to an MLflow API call: "
+                                                f"is it an MLflow tracking server?")
+
+
+def _check_database(uri: str, timeout_s: float) -> None:
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
+    shown = redact("tracking.uri", uri)
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": max(1, int(timeout_s))})
+    except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+        raise ConfigError(None, "tracking.uri", f"{shown}: cannot use this database URI ({exc}); the PostgreSQL "
+                                                f"driver comes with `pip install 'adaptune[cluster]'`") from None
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT 1"))
+    except OperationalError as exc:
+        detail = str(exc.orig or exc).strip().splitlines()[-1]
+        if re.search(r"password authentication failed|access denied|authentication failed", detail, re.I):
+            raise ConfigError(None, "tracking.uri", f"{shown} rejects the credentials: {detail}") from None
+        raise ConfigError(None, "tracking.uri", f"{shown} does not answer: {detail}") from None
+    finally:
+        engine.dispose()
+
+
+# --- every node --------------------------------------------------------------------------------
+
+def _is_uri(storage: str) -> bool:
+    return bool(re.match(r"^[a-z][a-z0-9+.-]*://", storage))
+
+
+def _probe_node(storage: str | None, marker: str | None, tracking_uri: str) -> list[tuple[str, str]]:
+    """On one node: (field, problem) for what is wrong with its view of the storage and the tracking store."""
+    where = f"node {socket.gethostname()} ({_node_ip()})"
+    problems = []
+    if storage is not None:
+        folder = Path(storage)
+        if not folder.is_dir():
+            problems.append(("storage", f"{where}: the storage folder {storage} does not exist"))
+        elif not os.access(folder, os.W_OK | os.X_OK):
+            problems.append(("storage", f"{where}: the storage folder {storage} is not writable"))
+        elif marker and not (folder / marker).exists():
+            problems.append(("storage", f"{where}: {storage} is not the driver's folder (another disk): "
+                                        f"mount the shared volume there"))
+    try:
+        check_tracking(tracking_uri)
+    except ConfigError as exc:
+        problems.append(("tracking.uri", f"{where}: {exc.message}"))
+    return problems
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def check_nodes(storage: str | Path, tracking_uri: str, timeout_s: float = 30.0) -> None:
+    """After `ray.init`: every alive node sees the same storage folder and reaches the tracking store.
+
+    A local `storage` path must be one shared folder (the same files on every node); the driver
+    creates it and leaves a marker file that each node must see. SQLite tracking is refused on a
+    cluster spanning machines: each machine would write its own file.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    if _scheme(tracking_uri) in ("sqlite", "file", "") and len({n["NodeManagerAddress"] for n in nodes}) > 1:
+        raise ConfigError(None, "tracking.uri", f"{tracking_uri} is a file on one machine, and this cluster spans "
+                                                f"{len({n['NodeManagerAddress'] for n in nodes})}: use an MLflow "
+                                                f"server (http://...) or a database (postgresql://...)")
+    folder = marker = None
+    if not _is_uri(str(storage)):
+        path = Path(storage).expanduser().resolve()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(None, "storage", f"cannot create {path}: {exc.strerror}") from None
+        folder = str(path)
+        # Under Ray Client the driver's disk is not the cluster's: only each node's own view is checked.
+        if not ray.util.client.ray.is_connected():
+            marker = f".adaptune-probe-{uuid.uuid4().hex}"
+            (path / marker).touch()
+    probe = ray.remote(num_cpus=0)(_probe_node)
+    try:
+        refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(folder, marker, tracking_uri): n for n in nodes}
+        done, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        problems = [p for ref in done for p in ray.get(ref)]
+        problems += [("storage", f"node {refs[ref]['NodeManagerAddress']} did not answer within {timeout_s:.0f} s")
+                     for ref in late]
+        for ref in late:
+            ray.cancel(ref, force=True)
+    finally:
+        if marker:
+            (Path(folder) / marker).unlink(missing_ok=True)
+    if problems:
+        fields = sorted({field for field, _ in problems})
+        raise ConfigError(None, " and ".join(fields), "; ".join(message for _, message in problems))

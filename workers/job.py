@@ -1,0 +1,193 @@
+"""One trial: fine-tune with DeepSpeed, evaluate, save, record. A plain function, no Ray needed.
+
+    run_trial(spec, tracker, checkpoint_dir) -> TrialResult
+
+Given a `checkpoint_dir` that holds a checkpoint of the same spec, the trial resumes from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from workers.errors import ConfigError
+from workers.spec import TrialSpec
+from workers.tracking import Tracker, TrialStatus
+
+Report = Callable[[dict[str, float], Path | None], None]
+
+# Fields that may change between an interrupted run and its resume: they do not touch training.
+RESUMABLE_CHANGES = {"name", "eval"}
+
+
+@dataclass
+class TrialResult:
+    status: TrialStatus
+    metrics: dict[str, float]
+    adapter_dir: Path | None = None
+    error: str | None = None
+
+
+def trial_id(spec: TrialSpec) -> str:
+    """A stable identity: the spec's name, else a hash of everything that shapes training."""
+    if spec.name:
+        return spec.name
+    body = json.dumps(spec.model_dump(mode="json", exclude=RESUMABLE_CHANGES), sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(a.keys() | b.keys()) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def check_resumable(spec: TrialSpec, checkpoint_dir: Path) -> None:
+    """Record the spec next to the checkpoints; refuse to resume a checkpoint of another spec."""
+    recorded = checkpoint_dir / "spec.json"
+    current = spec.model_dump(mode="json", exclude=RESUMABLE_CHANGES)
+    if recorded.is_file():
+        differing = _diff(json.loads(recorded.read_text()), current)
+        if differing:
+            raise ConfigError(
+                str(recorded), None,
+                f"the checkpoints here come from a different spec (fields differ: {', '.join(differing)}); "
+                "use another checkpoint directory or the original spec",
+            )
+    else:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
+def _memory_figures() -> str:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    free, total = torch.cuda.mem_get_info()
+    return (f"allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB, reserved "
+            f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB, peak {torch.cuda.max_memory_allocated() / 2**30:.2f}"
+            f" GiB, free {free / 2**30:.2f} of {total / 2**30:.2f} GiB")
+
+
+def run_trial(
+    spec: TrialSpec,
+    tracker: Tracker,
+    checkpoint_dir: Path,
+    *,
+    report: Report | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrialResult:
+    """Fine-tune, evaluate and record one trial; resume from `checkpoint_dir` when it holds a checkpoint.
+
+    User errors (`ConfigError`) propagate after the run is marked failed; CUDA running out of memory
+    is reported as OOM with the memory figures and is not retried.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    check_resumable(spec, checkpoint_dir)
+    try:
+        return _run(spec, tracker, checkpoint_dir, report, should_stop)
+    except torch.OutOfMemoryError as exc:
+        error = f"out of memory: {str(exc).splitlines()[0]} ({_memory_figures()})"
+        tracker.set_tags({"adaptune.error": error[:5000]})
+        tracker.finish(TrialStatus.OOM)
+        return TrialResult(TrialStatus.OOM, {}, error=error)
+    except KeyboardInterrupt:
+        tracker.finish(TrialStatus.CANCELLED)
+        return TrialResult(TrialStatus.CANCELLED, {}, error="interrupted")
+    except ConfigError as exc:
+        tracker.set_tags({"adaptune.error": str(exc)[:5000]})
+        tracker.finish(TrialStatus.FAILED)
+        raise
+    except Exception as exc:
+        error = "".join(traceback.format_exception(exc))
+        tracker.set_tags({"adaptune.error": error[-5000:]})
+        tracker.finish(TrialStatus.FAILED)
+        return TrialResult(TrialStatus.FAILED, {}, error=f"{type(exc).__name__}: {exc}")
+
+
+def _run(
+    spec: TrialSpec, tracker: Tracker, checkpoint_dir: Path, report: Report | None,
+    should_stop: Callable[[], bool] | None,
+) -> TrialResult:
+    from workers.adapters.io import save_adapter
+    from workers.adapters.registry import count_parameters, inject
+    from workers.data import build_train_data, data_root
+    from workers.evaluate import evaluate
+    from workers.model_loading import build_model, load_tokenizer
+    from workers.provenance import provenance
+    from workers.train import Trainer, resolve_precision, seed_everything
+
+    on_gpu = torch.cuda.is_available()
+    dtype = resolve_precision(spec.train.precision, on_gpu)
+    info = provenance()
+    tokenizer = load_tokenizer(spec.tokenizer or spec.model, spec.trust_remote_code)
+    data = build_train_data(spec.data, tokenizer, spec.seed)
+    seed_everything(spec.seed)
+    model = build_model(spec.model, overrides=spec.model_overrides, random_init=spec.random_init,
+                        trust_remote_code=spec.trust_remote_code, dtype=dtype, seed=spec.seed)
+    inject(model, spec.adapter)
+    counts = count_parameters(model)
+    trainer = Trainer(model, tokenizer.pad_token_id, data, spec, checkpoint_dir)
+    rank0 = trainer.rank == 0
+    resumed = trainer.resume()
+    if rank0:
+        tracker.log_params({**spec.model_dump(mode="json"), "provenance": info, "data_stats": data.stats,
+                            "trainable_params": counts.trainable, "base_params": counts.base})
+        tracker.set_tags({"adaptune.adapter": spec.adapter.short_name(), "adaptune.resumed": str(resumed)})
+
+    def on_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
+        if rank0:
+            tracker.log_metrics(metrics, step=int(metrics["step"]))
+        if report is not None:
+            report(metrics, checkpoint)
+
+    outcome = trainer.train(on_report, should_stop)
+    if outcome.cancelled:
+        if rank0:
+            tracker.finish(TrialStatus.CANCELLED)
+        return TrialResult(TrialStatus.CANCELLED, {"step": outcome.global_step})
+
+    out = checkpoint_dir / "result"
+    model = trainer.engine.module
+    metrics: dict[str, float] = {
+        "final_train_loss": outcome.final_loss,
+        "trainable_params": counts.trainable,
+        "trainable_percent": counts.percent,
+        "tokens_trained": outcome.tokens,
+        "train_seconds": outcome.seconds,
+        "peak_memory_gb": outcome.peak_memory_bytes / 2**30,
+        ("gpu_hours" if on_gpu else "cpu_hours"): outcome.seconds * trainer.world / 3600,
+    }
+    with trainer.gathered_adapter():
+        # ZeRO-3 keeps parameters partitioned: every rank takes part in evaluation then.
+        if spec.data.eval and (rank0 or spec.train.zero_stage == 3):
+            result = evaluate(model, tokenizer, spec.data.eval, spec.eval, root=data_root(spec.data.data_root),
+                              out_dir=out / "predictions" if rank0 else None, template=spec.data.template)
+            metrics.update(result.metrics())
+            metrics["eval_seconds"] = result.seconds
+            metrics["eval_tokens_per_s"] = result.generated_tokens / max(result.seconds, 1e-9)
+        if rank0:
+            save_adapter(model, spec.adapter, out / "adapter", base_model=spec.model)
+    if not rank0:
+        return TrialResult(TrialStatus.SUCCEEDED, metrics)
+    (out / "summary.json").write_text(json.dumps(
+        {"trial_id": trial_id(spec), "adapter": spec.adapter.short_name(), "metrics": metrics,
+         "data": data.stats, "provenance": info, "losses": outcome.losses}, indent=2) + "\n")
+    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    tracker.log_metrics(metrics, step=outcome.global_step)
+    tracker.log_artifact(out / "adapter", "adapter")
+    if (out / "predictions").is_dir():
+        tracker.log_artifact(out / "predictions", "predictions")
+    tracker.log_artifact(out / "summary.json")
+    tracker.log_artifact(out / "spec.yaml")
+    if report is not None:
+        report({**metrics, "step": outcome.global_step, "total_steps": outcome.total_steps, "done": 1.0}, None)
+    tracker.finish(TrialStatus.SUCCEEDED)
+    return TrialResult(TrialStatus.SUCCEEDED, metrics, adapter_dir=out / "adapter")

@@ -1,0 +1,314 @@
+"""Fine-tuning with DeepSpeed: the only module that imports deepspeed.
+
+One optimizer step = `accumulation` micro-batches on each of `world` data-parallel ranks; the epoch
+order comes from `workers.data.micro_batches` (the same on every rank and after a resume) and rank
+r takes micro-batches r, r + world, ... Only trainable (adapter) parameters reach the optimizer;
+checkpoints exclude the frozen base, and carry the data position and every RNG state, so a resumed
+run continues exactly where the interrupted one was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import resource
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import PreTrainedModel, get_linear_schedule_with_warmup
+
+from workers.data import TrainData, collate, micro_batches
+from workers.errors import ConfigError
+from workers.placement import family_for
+
+if TYPE_CHECKING:
+    from workers.spec import TrialSpec
+
+Report = Callable[[dict[str, float], Path | None], None]
+
+
+@dataclass
+class TrainOutcome:
+    global_step: int
+    total_steps: int
+    final_loss: float
+    tokens: int
+    seconds: float
+    peak_memory_bytes: int
+    cancelled: bool = False
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str) -> tuple[int, int]:
+    """(rank, world size); a single-process group when no launcher set one up."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    if precision in ("bf16", "fp16") and not on_gpu:
+        raise ConfigError(None, "train.precision", f"{precision} needs a GPU; on a CPU use fp32 or auto")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def accumulation_steps(batch_size: int, micro_batch_size: int, world: int) -> int:
+    if batch_size % (micro_batch_size * world):
+        raise ConfigError(
+            None, "train.batch_size",
+            f"{batch_size} is not divisible by micro_batch_size x workers = {micro_batch_size} x {world}",
+        )
+    return batch_size // (micro_batch_size * world)
+
+
+def deepspeed_config(spec: TrialSpec, accumulation: int, dtype: torch.dtype) -> dict[str, Any]:
+    t = spec.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": {"stage": t.zero_stage},
+        # torch's AdamW: DeepSpeed's fused and CPU Adam need compiled ops and give nothing here.
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay,
+                                                  "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _prune(checkpoint_dir: Path, keep: int) -> None:
+    tags = sorted(p for p in checkpoint_dir.glob("step-*") if p.is_dir())
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class Trainer:
+    """A DeepSpeed engine over an injected model, with the paper's schedule and exact resume."""
+
+    def __init__(
+        self, model: PreTrainedModel, pad_id: int, data: TrainData, spec: TrialSpec, checkpoint_dir: Path
+    ) -> None:
+        import deepspeed
+
+        self.spec, self.data, self.pad_id, self.checkpoint_dir = spec, data, pad_id, checkpoint_dir
+        family = family_for(model.config)
+        if spec.data.packing and not family.packs:
+            raise ConfigError(None, "data.packing", f"family {family.name!r} cannot take packed rows (4-D masks)")
+        on_gpu = torch.cuda.is_available()
+        self.rank, self.world = init_distributed("nccl" if on_gpu else "gloo")
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
+        dtype = resolve_precision(spec.train.precision, on_gpu)
+        self.accumulation = accumulation_steps(spec.train.batch_size, spec.train.micro_batch_size, self.world)
+        self.lengths = list(data.train["length"])
+        self.input_ids, self.labels = data.train["input_ids"], data.train["labels"]
+        self.steps_per_epoch = self._epoch_order(0)[1]
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                None, "train.batch_size",
+                f"{len(self.lengths)} training examples do not fill one batch of {spec.train.batch_size}",
+            )
+        self.total_steps = spec.train.max_steps or max(1, int(spec.train.epochs * self.steps_per_epoch))
+        if spec.train.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.to(self.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        warmup, total = spec.train.warmup_steps, self.total_steps
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=params,
+            config=deepspeed_config(spec, self.accumulation, dtype),
+            lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, total),
+        )
+        self.global_step, self.epoch, self.position, self.tokens = 0, 0, 0, 0
+        self.losses: list[tuple[int, float]] = []
+
+    def _epoch_order(self, epoch: int) -> tuple[list, int]:
+        """This rank's micro-batches of `epoch`, and the optimizer steps the epoch holds."""
+        t, d = self.spec.train, self.spec.data
+        order = micro_batches(self.lengths, t.micro_batch_size, seed=self.spec.seed, epoch=epoch,
+                              group_by_length=d.group_by_length, packing=d.packing, cutoff_len=d.cutoff_len)
+        steps = len(order) // (self.world * self.accumulation)
+        used = order[: steps * self.world * self.accumulation]
+        return used[self.rank::self.world], steps
+
+    def _batch(self, rows: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        examples = [[{"input_ids": self.input_ids[i], "labels": self.labels[i]} for i in row] for row in rows]
+        return {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of `checkpoint_dir`, if there is one."""
+        if not (self.checkpoint_dir / "latest").is_file():
+            return False
+        _, state = self.engine.load_checkpoint(str(self.checkpoint_dir), load_module_strict=False)
+        self.global_step, self.epoch, self.position = state["global_step"], state["epoch"], state["position"]
+        self.tokens, self.losses = state["tokens"], [tuple(x) for x in state["losses"]]
+        _set_rng_state(state["rng"][self.rank] if isinstance(state["rng"], list) else state["rng"])
+        return True
+
+    def save(self) -> Path:
+        tag = f"step-{self.global_step:08d}"
+        rng = [None] * self.world
+        dist.all_gather_object(rng, _rng_state())
+        state = {"global_step": self.global_step, "epoch": self.epoch, "position": self.position,
+                 "tokens": self.tokens, "losses": self.losses, "rng": rng}
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=state,
+                                    exclude_frozen_parameters=True)
+        if self.rank == 0:
+            _prune(self.checkpoint_dir, self.spec.train.keep_checkpoints)
+        return self.checkpoint_dir / tag
+
+    def _sum_over_ranks(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _mean_over_ranks(self, total: float, count: float) -> float:
+        summed, n = self._sum_over_ranks(total, count)
+        return summed / n
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        val = self.data.val
+        if val is None or len(val) == 0:
+            return None
+        self.engine.eval()
+        micro = self.spec.train.micro_batch_size
+        rows = [(i,) for i in range(len(val))][self.rank::self.world]
+        total = count = 0.0
+        ids, labels = val["input_ids"], val["labels"]
+        for start in range(0, len(rows), micro):
+            chunk = rows[start:start + micro]
+            examples = [[{"input_ids": ids[r[0]], "labels": labels[r[0]]}] for r in chunk]
+            batch = {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
+            total += float(self.engine(**batch).loss) * len(chunk)
+            count += len(chunk)
+        self.engine.train()
+        return self._mean_over_ranks(total, count)
+
+    def gathered_adapter(self) -> contextlib.AbstractContextManager:
+        """A context in which the adapter's parameters are whole on every rank (ZeRO-3 partitions them)."""
+        if self.spec.train.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        from workers.adapters.base import adapter_parameters
+
+        return deepspeed.zero.GatheredParameters([p for _, p in adapter_parameters(self.engine.module)])
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = self.engine(**batch).loss
+        adapter = self.spec.adapter
+        if adapter.type == "mosa" and adapter.consistency_weight > 0:
+            from workers.adapters.mosa import consistency_loss
+
+            loss = loss + adapter.consistency_weight * consistency_loss(self.engine.module, batch)
+        return loss
+
+    def train(self, report: Report | None = None, should_stop: Callable[[], bool] | None = None) -> TrainOutcome:
+        t = self.spec.train
+        started = time.perf_counter()
+        window_tokens, window_start = 0, time.perf_counter()
+        step_loss, step_micro = 0.0, 0
+        self.engine.train()
+        cancelled = False
+        while self.global_step < self.total_steps and not cancelled:
+            mine, _ = self._epoch_order(self.epoch)
+            while self.position < len(mine) and self.global_step < self.total_steps:
+                rows = mine[self.position]
+                batch = self._batch(rows)
+                loss = self._loss(batch)
+                self.engine.backward(loss)
+                self.engine.step()
+                self.position += 1
+                step_loss += loss.detach().item()
+                step_micro += 1
+                window_tokens += sum(self.lengths[i] for row in rows for i in row)
+                if self.position % self.accumulation:
+                    continue
+                self.global_step += 1
+                mean_loss = self._mean_over_ranks(step_loss, step_micro)
+                step_loss, step_micro = 0.0, 0
+                self.losses.append((self.global_step, mean_loss))
+                metrics: dict[str, float] = {}
+                if self.global_step % t.log_every == 0 or self.global_step == self.total_steps:
+                    (tokens,) = self._sum_over_ranks(window_tokens)
+                    elapsed = time.perf_counter() - window_start
+                    self.tokens += int(tokens)
+                    metrics.update(train_loss=mean_loss, lr=self.scheduler.get_last_lr()[0],
+                                   tokens_per_s=tokens / max(elapsed, 1e-9),
+                                   peak_memory_gb=peak_memory_bytes(self.device) / 2**30)
+                    window_tokens, window_start = 0, time.perf_counter()
+                if self.global_step % t.eval_every == 0:
+                    val = self.validation_loss()
+                    if val is not None:
+                        metrics["val_loss"] = val
+                checkpoint = None
+                stop = should_stop is not None and should_stop()
+                if self.global_step % t.save_every == 0 or stop:
+                    checkpoint = self.save()
+                if metrics and report is not None:
+                    metrics.update(step=self.global_step, total_steps=self.total_steps, epoch=self.epoch)
+                    report(metrics, checkpoint)
+                if stop:
+                    cancelled = True
+                    break
+            if self.position >= len(mine):
+                self.epoch, self.position = self.epoch + 1, 0
+        self.tokens += int(self._sum_over_ranks(window_tokens)[0])
+        return TrainOutcome(
+            global_step=self.global_step, total_steps=self.total_steps,
+            final_loss=self.losses[-1][1] if self.losses else float("nan"), tokens=self.tokens,
+            seconds=time.perf_counter() - started, peak_memory_bytes=peak_memory_bytes(self.device),
+            cancelled=cancelled, losses=list(self.losses),
+        )
