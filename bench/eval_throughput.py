@@ -12,8 +12,8 @@ with `min_new_tokens` equal to `max_new_tokens`. Methods, each timed in this run
 - `generate_batched`: `generate` at `--batch-size`, greedy, its default dynamic cache;
 - `generate_static`: the same with the static cache, compiled (`--compile`), timed after a warm-up call.
 
-Prints one JSON object with tokens/s per method (the fastest of `--repeats` calls: shared machines
-are noisy) and the ratios of ours to each. Batch-1 methods run on the first `--n-slow` prompts only:
+Prints one JSON object with tokens/s per method (the fastest of `--repeats` calls, taken round robin:
+shared machines are noisy) and the ratios of ours to each. Batch-1 methods run on the first `--n-slow` prompts only:
 their tokens/s does not depend on how many prompts run.
 
     python bench/eval_throughput.py --model-shape tiny                      # CPU, seconds
@@ -92,9 +92,12 @@ def main() -> None:
                         help="compile generate_static (default: on CUDA only)")
     parser.add_argument("--skip", default="", help="comma-separated methods not to run")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per method; the fastest counts")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on busy hosts)")
     args = parser.parse_args()
     compile_static = args.device.startswith("cuda") if args.compile is None else args.compile
     skip = set(filter(None, args.skip.split(",")))
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = build(args)
     tok = byte_tokenizer()
@@ -144,19 +147,20 @@ def main() -> None:
         "generate_batched": (len(prompts), lambda: generate_batches()),
         "generate_static": (len(prompts), lambda: generate_batches(**static)),
     }
+    methods = {name: run for name, run in methods.items() if name not in skip}
+    results: dict[str, dict[str, float]] = {name: {"prompts": n} for name, (n, _) in methods.items()}
+    runs: dict[str, list[tuple[int, float]]] = {name: [] for name in methods}
     with torch.no_grad():
         generate_greedy(model, tok, prompts[:2], 2, 2)  # allocator and kernel warm-up, untimed
-        results: dict[str, dict[str, float]] = {}
-        for name, (n, fn) in methods.items():
-            if name in skip:
-                continue
-            row: dict[str, float] = {"prompts": n}
-            if name == "generate_static":
-                _, row["warmup_seconds"] = timed(fn, args.device)
-            runs = [timed(fn, args.device) for _ in range(args.repeats)]
-            row["generated_tokens"], row["seconds"] = min(runs, key=lambda run: run[1])
-            row["tokens_per_s"] = row["generated_tokens"] / row["seconds"]
-            results[name] = row
+        if "generate_static" in methods:
+            _, results["generate_static"]["warmup_seconds"] = timed(methods["generate_static"][1], args.device)
+        # Round robin, so that a change of load on a shared machine hits every method alike.
+        for _ in range(args.repeats):
+            for name, (_, fn) in methods.items():
+                runs[name].append(timed(fn, args.device))
+    for name, row in results.items():
+        row["generated_tokens"], row["seconds"] = min(runs[name], key=lambda run: run[1])
+        row["tokens_per_s"] = row["generated_tokens"] / row["seconds"]
 
     report: dict[str, object] = {
         "model_shape": args.config or args.model_shape,
@@ -168,6 +172,7 @@ def main() -> None:
         "prompt_tokens_mean": sum(lengths) / len(lengths),
         "prompt_tokens_max": max(lengths),
         "static_compiled": compile_static,
+        "threads": torch.get_num_threads(),
         "budget": "fixed: every prompt gets max_new_tokens (random weights rarely emit EOS)",
         "methods": results,
     }

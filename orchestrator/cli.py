@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -25,40 +25,192 @@ def _root() -> None:
     """adaptune: plan, run, resume and report adapter sweeps; train or evaluate one trial."""
 
 
-@app.command()
-def plan(
-    spec_file: Annotated[Path, typer.Argument(help="a trial spec (YAML)")],
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-) -> None:
-    """Count trainable and base parameters of a trial, from the model's config alone (no weights)."""
+def _counts(spec: Any) -> dict[str, Any]:
     from workers.adapters.registry import count_parameters, inject
     from workers.model_loading import build_model
-    from workers.spec import load_trial_spec
 
-    spec = load_trial_spec(spec_file)
-    try:
-        model = build_model(
-            spec.model, overrides=spec.model_overrides, trust_remote_code=spec.trust_remote_code, device="meta"
-        )
-        inject(model, spec.adapter)
-    except ConfigError as exc:
-        raise exc.located(str(spec_file)) from None
+    model = build_model(spec.model, overrides=spec.model_overrides, trust_remote_code=spec.trust_remote_code,
+                        device="meta")
+    inject(model, spec.adapter)
     counts = count_parameters(model)
-    result = {
+    return {
         "model": spec.model,
         "model_type": model.config.model_type,
         "adapter": spec.adapter.type,
         "trainable_params": counts.trainable,
         "base_params": counts.base,
         "trainable_percent": round(counts.percent, 4),
+        # bf16 weights + fp32 adapter, Adam moments and gradients: the floor before activations.
+        "est_weights_gib": round((2 * counts.base + 16 * counts.trainable) / 2**30, 2),
     }
+
+
+@app.command()
+def plan(
+    spec_file: Annotated[Path, typer.Argument(help="a trial spec or a sweep file (YAML)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Count trainable and base parameters from the model's config alone (no weights); sweeps per trial."""
+    from workers.spec import load_trial_spec, read_yaml
+
+    if "space" in read_yaml(spec_file):
+        from orchestrator.sweep import load_sweep
+
+        sweep, points = load_sweep(spec_file)
+        try:
+            rows = [{"trial": p.name, **_counts(p.spec)} for p in points]
+        except ConfigError as exc:
+            raise exc.located(str(spec_file)) from None
+        if as_json:
+            typer.echo(json.dumps({"sweep": sweep.name, "trials": len(rows), "points": rows}))
+            return
+        typer.echo(f"{spec_file}: sweep {sweep.name}, {len(rows)} trials ({sweep.search.algorithm})")
+        for row in rows:
+            typer.echo(f"  {row['trial']:<40} {row['trainable_params']:>14,}  {row['trainable_percent']:>8.4f}%"
+                       f"  ~{row['est_weights_gib']:g} GiB weights+optimizer")
+        return
+    spec = load_trial_spec(spec_file)
+    try:
+        result = _counts(spec)
+    except ConfigError as exc:
+        raise exc.located(str(spec_file)) from None
     if as_json:
         typer.echo(json.dumps(result))
         return
     typer.echo(f"{spec_file}: {result['model']} ({result['model_type']}), adapter {result['adapter']}")
-    typer.echo(f"  trainable parameters  {counts.trainable:>16,}")
-    typer.echo(f"  base parameters       {counts.base:>16,}")
-    typer.echo(f"  trainable share       {counts.percent:>15.4f}%")
+    typer.echo(f"  trainable parameters  {result['trainable_params']:>16,}")
+    typer.echo(f"  base parameters       {result['base_params']:>16,}")
+    typer.echo(f"  trainable share       {result['trainable_percent']:>15.4f}%")
+
+
+def _prepare_sweep(sweep_file: Path, *, new: bool, resume: bool) -> tuple[Any, list, Path]:
+    """Validate everything a sweep needs before Ray starts: the file, the store, the storage."""
+    import os
+    import shutil
+    import time
+
+    from orchestrator.sweep import load_sweep
+    from orchestrator.tune_driver import experiment_dir
+    from workers.tracking import check_tracking_uri
+
+    sweep, points = load_sweep(sweep_file)
+    try:
+        check_tracking_uri(sweep.tracking.uri)
+    except ConfigError as exc:
+        raise ConfigError(str(sweep_file), "tracking.uri", exc.message) from None
+    root = experiment_dir(sweep)
+    parent = root.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(str(sweep_file), "storage", f"cannot create {parent}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(str(sweep_file), "storage", f"{parent} is not writable")
+    if root.exists() and not resume:
+        if not new:
+            raise ConfigError(str(sweep_file), "name",
+                              f"a sweep named {sweep.name!r} exists in {root}: `adaptune resume {sweep.name}` "
+                              "or pass --new to start over")
+        shutil.move(root, root.with_name(f"{root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if not sweep.resources.gpus_per_trial:
+        return sweep, points, root
+    import torch
+
+    if torch.cuda.device_count() < sweep.resources.gpus_per_trial and os.environ.get("RAY_ADDRESS") is None:
+        raise ConfigError(str(sweep_file), "resources.gpus_per_trial",
+                          f"{sweep.resources.gpus_per_trial:g} GPUs per trial; this machine has "
+                          f"{torch.cuda.device_count()} (pass --address for a cluster)")
+    return sweep, points, root
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        acc = row.get("accuracy/macro")
+        shown = f"{acc:.2%}" if isinstance(acc, float) else "-"
+        typer.echo(f"  {row['trial']:<40} {row['status']:<10} accuracy {shown}")
+
+
+@app.command()
+def run(
+    sweep_file: Annotated[Path, typer.Argument(help="a sweep file (YAML)")] = Path("sweeps/demo.yaml"),
+    address: Annotated[str | None, typer.Option(help="a Ray cluster to join (default: a local one)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and list the trials, run nothing")] = False,
+    new: Annotated[bool, typer.Option("--new", help="start over although a sweep of this name exists")] = False,
+) -> None:
+    """Run a sweep on Ray Tune; every trial is a nested MLflow run under the sweep's parent run."""
+    if dry_run:
+        from orchestrator.sweep import load_sweep
+
+        sweep, points = load_sweep(sweep_file)
+        typer.echo(f"{sweep_file}: sweep {sweep.name}, {len(points)} trials")
+        for p in points:
+            typer.echo(f"  {p.name}")
+        return
+    from orchestrator.tune_driver import run as run_sweep
+
+    sweep, points, _ = _prepare_sweep(sweep_file, new=new, resume=False)
+    rows = run_sweep(sweep, points, sweep_file, address=address, resume=False)
+    _print_rows(rows)
+    typer.echo(f"done: {len(rows)} trials in experiment {sweep.experiment!r} at {sweep.tracking.uri}")
+    typer.echo("compare them: adaptune ui   (MLflow UI on http://127.0.0.1:5000)")
+
+
+@app.command()
+def resume(
+    name: Annotated[str, typer.Argument(help="the sweep's name")],
+    storage: Annotated[Path, typer.Option(help="where sweeps keep their state")] = Path("runs"),
+    address: Annotated[str | None, typer.Option(help="a Ray cluster to join")] = None,
+) -> None:
+    """Finish an interrupted sweep: unfinished trials resume, errored ones re-run, finished ones stay."""
+    from orchestrator.tune_driver import run as run_sweep
+
+    saved = storage / name / "sweep.yaml"
+    if not saved.is_file():
+        raise ConfigError(str(saved), None, f"no sweep named {name!r} in {storage}")
+    sweep, points, _ = _prepare_sweep(saved, new=False, resume=True)
+    rows = run_sweep(sweep, points, saved, address=address, resume=True)
+    _print_rows(rows)
+    typer.echo(f"done: {len(rows)} trials; adaptune ui to compare them")
+
+
+@app.command()
+def status(
+    name: Annotated[str | None, typer.Argument(help="a sweep's name (default: every sweep)")] = None,
+    storage: Annotated[Path, typer.Option(help="where sweeps keep their state")] = Path("runs"),
+) -> None:
+    """The trials of a sweep (or of every sweep in the storage) and their status, from MLflow."""
+    from mlflow import MlflowClient
+
+    from orchestrator.mlflow_sweep import find_parent, summary_rows
+    from orchestrator.sweep import load_sweep
+
+    files = [storage / name / "sweep.yaml"] if name else sorted(storage.glob("*/sweep.yaml"))
+    if name and not files[0].is_file():
+        raise ConfigError(str(files[0]), None, f"no sweep named {name!r} in {storage}")
+    for file in files:
+        sweep, _ = load_sweep(file)
+        client = MlflowClient(sweep.tracking.uri)
+        parent = find_parent(client, sweep.experiment, sweep.name)
+        if parent is None:
+            typer.echo(f"{sweep.name}: no MLflow run yet")
+            continue
+        rows = summary_rows(client, parent)
+        typer.echo(f"{sweep.name}: {parent.info.status}, {len(rows)} trials")
+        _print_rows(rows)
+
+
+@app.command()
+def ui(
+    tracking_uri: Annotated[str, typer.Option(help="the MLflow store")] = "sqlite:///mlflow.db",
+    port: Annotated[int, typer.Option()] = 5000,
+) -> None:
+    """The MLflow UI for the store, on 127.0.0.1 only."""
+    import subprocess
+
+    typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {tracking_uri} (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
+           "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd))
 
 
 @app.command()

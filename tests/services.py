@@ -170,8 +170,9 @@ def ray_cluster(token: str, *, cpus_per_node: int = 1, dashboard: bool = False, 
     """
     ray_bin = str(Path(sys.executable).parent / "ray")
     client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    # The venv's bin first: a job's entrypoint (`adaptune run ...`) resolves through the head's PATH.
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **client_env,
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     temp = {name: Path(tempfile.mkdtemp(prefix=f"adt-{name}-")) for name in ("node_a", "node_b")}
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -203,10 +204,12 @@ def ray_cluster(token: str, *, cpus_per_node: int = 1, dashboard: bool = False, 
                                 timeout=timeout_s + 30, check=False)
         if waited.returncode != 0:
             raise RuntimeError(f"the second Ray node did not join:\n{waited.stderr[-2000:]}\n{_logs(temp)}")
+        if dashboard_url:
+            _wait_for(lambda: _answers(f"{dashboard_url}/api/version", token), procs, temp, timeout_s)
         yield RayCluster(address, dashboard_url, client_env, temp)
     finally:
         for proc in reversed(procs):
-            stop_group(proc, grace_s=10)
+            stop_group(proc, grace_s=3)
         for folder in temp.values():
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -217,6 +220,15 @@ def _wait_for(ready, procs: list[subprocess.Popen], temp: dict[str, Path], timeo
         if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
             raise RuntimeError(f"a Ray node did not start:\n{_logs(temp)}")
         time.sleep(0.5)
+
+
+def _answers(url: str, token: str) -> bool:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def _count_nodes_script(address: str, count: int, timeout_s: float) -> str:

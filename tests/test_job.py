@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ ADAPTERS = {
     "series": {"type": "series", "placement": ["mlp"], "bottleneck": 16},
     "parallel": {"type": "parallel", "placement": ["attn"], "bottleneck": 16},
     "prefix": {"type": "prefix", "virtual_tokens": 4},
-    "lora": {"type": "lora", "placement": ["q", "v", "up", "down"], "rank": 8, "dropout": 0.0},
+    "lora": {"type": "lora", "placement": ["q", "k", "v", "up", "down"], "rank": 8, "dropout": 0.0},
     "mosa": {"type": "mosa", "placement": ["mlp"], "bottleneck": 16, "consistency_weight": 0.1},
 }
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle"]
@@ -92,8 +93,7 @@ def test_zero_stages_give_the_same_loss_curve(workdir: Path, tmp_path: Path) -> 
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(REPO)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     return env
 
 
@@ -106,7 +106,10 @@ def test_two_processes_equal_one_with_doubled_accumulation(workdir: Path, tmp_pa
     spec = spec_for(workdir, epochs=1, batch_size=8, save_every=100)
     spec_file = _write_spec(tmp_path / "trial.yaml", spec)
     single = run_trial(parse_trial_spec(spec), MemoryTracker(), tmp_path / "one")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "orchestrator.cli", "trial", str(spec_file), "--tracking-uri", f"sqlite:///{tmp_path}/ml.db",
            "--checkpoint-dir", str(tmp_path / "two")]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)

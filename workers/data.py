@@ -81,17 +81,40 @@ def data_root(spec_root: str | None = None) -> Path:
     return Path(spec_root or os.environ.get("ADAPTUNE_DATA") or "data").expanduser()
 
 
+def is_custom(name: str) -> bool:
+    """An evaluation set given as a JSON file of its own rather than a task name."""
+    return name.endswith(".json")
+
+
 def task(name: str) -> Task:
+    """The task `name`; a `.json` path is a custom set scored as true/false, a letter or a number."""
+    if is_custom(name):
+        return Task(Path(name).stem, name, "choice", ("true", "false"))
     try:
         return TASKS[name]
     except KeyError:
         known = " ".join(TASKS)
-        raise ConfigError(None, "data.eval", f"unknown task {name!r}; expected one of: {known}") from None
+        msg = f"unknown task {name!r}; expected one of: {known} or a .json file"
+        raise ConfigError(None, "data.eval", msg) from None
+
+
+def custom_task(path: Path) -> Task:
+    """A custom set's scoring, read off its gold answers: true/false, A-E, else numbers."""
+    answers = {str(a).strip() for a in load_records(path)["answer"]}
+    if answers <= {"true", "false"}:
+        return Task(path.stem, str(path), "choice", ("true", "false"))
+    if answers <= set("ABCDE"):
+        return Task(path.stem, str(path), "letter")
+    try:
+        [float(a) for a in answers]
+    except ValueError:
+        raise ConfigError(str(path), "answer", "custom sets need true/false, A-E or numeric answers") from None
+    return Task(path.stem, str(path), "number")
 
 
 def task_file(name: str, root: Path, split: str = "test") -> Path:
     """The JSON file of task `name` under `root`; a `ConfigError` names it and where it looked."""
-    path = root / "dataset" / task(name).folder / f"{split}.json"
+    path = Path(name).expanduser() if is_custom(name) else root / "dataset" / task(name).folder / f"{split}.json"
     if not path.is_file():
         raise ConfigError(str(path), None, f"no {split} file for task {name!r} (data root: {root.resolve()})")
     return path

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from workers.data import Template, generate_prompt, load_records, task, task_file
+from workers.data import Template, custom_task, generate_prompt, is_custom, load_records, task, task_file
 from workers.scoring import extract, is_correct
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def evaluate(
     result = EvalResult()
     started = time.perf_counter()
     for name in tasks:
-        info = task(name)
+        info = custom_task(files[name]) if is_custom(name) else task(name)
         rows = records[name]
         if spec.limit is not None:
             rows = rows.select(range(min(spec.limit, len(rows))))
@@ -197,12 +197,12 @@ def evaluate(
         path = None
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / f"{name}.jsonl"
+            path = out_dir / f"{info.name}.jsonl"
             _write_jsonl_atomically(path, predictions)
-        res = TaskResult(name, correct / len(predictions), correct, len(predictions), path)
-        result.tasks[name] = res
+        res = TaskResult(info.name, correct / len(predictions), correct, len(predictions), path)
+        result.tasks[info.name] = res
         if on_progress is not None:
-            on_progress(name, res)
+            on_progress(info.name, res)
     result.seconds = time.perf_counter() - started
     model.train(was_training)
     return result

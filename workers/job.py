@@ -20,7 +20,7 @@ import yaml
 
 from workers.errors import ConfigError
 from workers.spec import TrialSpec
-from workers.tracking import Tracker, TrialStatus
+from workers.tracking import Tracker, TrialStatus, redact
 
 Report = Callable[[dict[str, float], Path | None], None]
 
@@ -37,11 +37,11 @@ class TrialResult:
 
 
 def trial_id(spec: TrialSpec) -> str:
-    """A stable identity: the spec's name, else a hash of everything that shapes training."""
-    if spec.name:
-        return spec.name
+    """A stable identity: a hash of everything that shapes training, after the spec's name if it has one."""
     body = json.dumps(spec.model_dump(mode="json", exclude=RESUMABLE_CHANGES), sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    # Two different specs under one name must not share a run or a checkpoint folder.
+    return f"{spec.name}-{digest[:8]}" if spec.name else digest[:16]
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -180,7 +180,7 @@ def _run(
     (out / "summary.json").write_text(json.dumps(
         {"trial_id": trial_id(spec), "adapter": spec.adapter.short_name(), "metrics": metrics,
          "data": data.stats, "provenance": info, "losses": outcome.losses}, indent=2) + "\n")
-    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    (out / "spec.yaml").write_text(yaml.safe_dump(redact(spec.model_dump(mode="json")), sort_keys=False))
     tracker.log_metrics(metrics, step=outcome.global_step)
     tracker.log_artifact(out / "adapter", "adapter")
     if (out / "predictions").is_dir():

@@ -14,7 +14,6 @@ import os
 import random
 import resource
 import shutil
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,21 +47,15 @@ class TrainOutcome:
     losses: list[tuple[int, float]] = field(default_factory=list)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(backend: str) -> tuple[int, int]:
-    """(rank, world size); a single-process group when no launcher set one up."""
+    """(rank, world size) of the process group a launcher (torchrun, Ray Train) set up, else a
+    single-process group on an in-memory store: no port, no MASTER_* or WORLD_SIZE to inherit."""
     import deepspeed
 
-    if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -170,6 +163,8 @@ class Trainer:
             config=deepspeed_config(spec, self.accumulation, dtype),
             lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, total),
         )
+        if spec.train.compile:
+            self.engine.compile()
         self.global_step, self.epoch, self.position, self.tokens = 0, 0, 0, 0
         self.losses: list[tuple[int, float]] = []
 

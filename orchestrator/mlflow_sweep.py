@@ -1,0 +1,129 @@
+"""The sweep's record in MLflow: one parent run per sweep, the trials' runs nested under it.
+
+The parent holds the sweep file, the expanded space, the git SHA, and at the end the summary table,
+the cost totals and the plots. The MLflow store is the source of truth for `status` and `report`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from orchestrator.sweep import Point, SweepSpec
+from workers.provenance import git_sha
+from workers.tracking import experiment_id
+
+SWEEP_TAG = "adaptune.sweep"
+PARENT_TAG = "mlflow.parentRunId"
+COSTS = ("gpu_hours", "cpu_hours", "tokens_trained")
+
+
+def find_parent(client: MlflowClient, experiment: str, name: str) -> Run | None:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def start_parent(uri: str, sweep: SweepSpec, file: Path, points: Sequence[Point], *, resume: bool) -> str:
+    """The parent run of `sweep`: the existing one when resuming, else a new one with the sweep's inputs."""
+    client = MlflowClient(uri)
+    if resume:
+        found = find_parent(client, sweep.experiment, sweep.name)
+        if found is not None:
+            client.update_run(found.info.run_id, status="RUNNING")
+            return found.info.run_id
+    exp_id = experiment_id(client, sweep.experiment, uri)
+    run = client.create_run(exp_id, run_name=sweep.name, tags={SWEEP_TAG: sweep.name, "adaptune.git_sha": git_sha()})
+    run_id = run.info.run_id
+    client.log_param(run_id, "trials", str(len(points)) if points else f"optuna x {sweep.search.num_samples}")
+    client.log_param(run_id, "search", sweep.search.algorithm)
+    client.log_param(run_id, "scheduler", sweep.scheduler.type)
+    client.log_artifact(run_id, str(file), artifact_path="sweep")
+    with tempfile.TemporaryDirectory() as tmp:
+        space = Path(tmp) / "expanded_space.json"
+        space.write_text(json.dumps([{"name": p.name, "branch": p.branch, "values": p.values,
+                                      "spec": p.spec.model_dump(mode="json")} for p in points], indent=1))
+        client.log_artifact(run_id, str(space), artifact_path="sweep")
+    return run_id
+
+
+def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
+    query = f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
+    return client.search_runs([parent.info.experiment_id], filter_string=query, max_results=10_000)
+
+
+def close_stragglers(client: MlflowClient, parent_id: str) -> int:
+    """Mark child runs left RUNNING (a trial stopped by the scheduler or killed with the driver) KILLED."""
+    parent = client.get_run(parent_id)
+    count = 0
+    for run in child_runs(client, parent):
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "adaptune.status", "STOPPED")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            count += 1
+    return count
+
+
+def summary_rows(client: MlflowClient, parent: Run) -> list[dict[str, Any]]:
+    """One row per trial: its point, status, parameters that matter and every final metric."""
+    rows = []
+    for run in child_runs(client, parent):
+        p, m = run.data.params, run.data.metrics
+        rows.append({
+            "trial": run.info.run_name,
+            "status": run.data.tags.get("adaptune.status", run.info.status),
+            "type": p.get("adapter.type", ""),
+            "placement": p.get("adapter.placement", ""),
+            "bottleneck": p.get("adapter.bottleneck", ""),
+            "rank": p.get("adapter.rank", ""),
+            "virtual_tokens": p.get("adapter.virtual_tokens", ""),
+            "seed": p.get("seed", ""),
+            "trainable_params": p.get("trainable_params", ""),
+            **{k: round(v, 6) for k, v in sorted(m.items())},
+        })
+    return sorted(rows, key=lambda r: r["trial"])
+
+
+def write_summary(rows: list[dict[str, Any]], path: Path) -> Path:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def finish_parent(uri: str, parent_id: str, *, failed: bool) -> list[dict[str, Any]]:
+    """Close stragglers, log the summary table, the cost totals and the report on the parent run."""
+    client = MlflowClient(uri)
+    close_stragglers(client, parent_id)
+    parent = client.get_run(parent_id)
+    rows = summary_rows(client, parent)
+    for cost in COSTS:
+        total = sum(float(r[cost]) for r in rows if isinstance(r.get(cost), float | int))
+        client.log_metric(parent_id, f"total_{cost}", total)
+    client.log_metric(parent_id, "trials_finished", sum(r["status"] in ("FINISHED", "SUCCEEDED") for r in rows))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_summary(rows, folder / "summary.csv")
+        try:
+            from orchestrator.report import build_report
+        except ImportError:
+            build_report = None
+        if build_report is not None and rows:
+            build_report(uri, parent_id, folder)
+        client.log_artifacts(parent_id, str(folder), artifact_path="report")
+    client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
+    return rows

@@ -1,0 +1,263 @@
+"""Ray Tune schedules the trials of a sweep; the only module that imports ray.
+
+A trial that needs one worker calls `run_trial` inside its own Tune trial and reports through
+`tune.report`. A trial that needs several (data parallel, ZeRO-3 across GPUs) builds a Ray Train
+`TorchTrainer` whose workers call `run_trial`; rank 0's reports reach Tune through
+`TuneReportCallback`. Trials keep their checkpoints under `<storage>/<sweep>/trials/<trial id>`, so
+a restored experiment resumes each unfinished trial where it stopped and never re-runs a finished
+one (its `summary.json` is there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from orchestrator import mlflow_sweep
+from orchestrator.cluster import check_address, check_nodes, check_tracking
+from orchestrator.sweep import Point, SweepSpec, optuna_space, point_from_optuna
+from workers.errors import ConfigError
+from workers.job import run_trial, trial_id
+from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every trial of one sweep needs besides its own point."""
+
+    sweep: dict[str, Any]
+    root: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+
+
+def _point(config: dict[str, Any], ctx: Context) -> Point:
+    if "point" in config:
+        return Point.model_validate(config["point"])
+    return point_from_optuna(SweepSpec.model_validate(ctx.sweep), config)
+
+
+def _final_metrics(summary: Path) -> dict[str, float]:
+    data = json.loads(summary.read_text())
+    return {**data["metrics"], "done": 1.0}
+
+
+def _tracker(ctx: Context, point: Point, tid: str) -> MlflowTracker:
+    return MlflowTracker(ctx.tracking_uri, ctx.experiment, point.name, trial_id=tid,
+                         parent_run_id=ctx.parent_run_id, tags={"adaptune.branch": str(point.branch)})
+
+
+def _raise_unless_done(status: TrialStatus, error: str | None, name: str) -> None:
+    # An errored Tune trial is re-run by `adaptune resume`; OOM is final and not retried blindly.
+    if status == TrialStatus.FAILED:
+        raise RuntimeError(f"trial {name} failed: {error}")
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker of a multi-worker trial."""
+    import ray.train
+
+    context = ray.train.get_context()
+    os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
+    ctx: Context = config["ctx"]
+    point = Point.model_validate(config["point"])
+    tid = config["trial_id"]
+    tracker = _tracker(ctx, point, tid) if context.get_world_rank() == 0 else MemoryTracker()
+    result = run_trial(point.spec, tracker, Path(ctx.root) / "trials" / tid,
+                       report=lambda metrics, checkpoint: ray.train.report(metrics))
+    _raise_unless_done(result.status, result.error, point.name)
+
+
+def trial_function(config: dict[str, Any], ctx: Context) -> None:
+    """The Tune trainable: one trial of the sweep."""
+    point = _point(config, ctx)
+    tid = trial_id(point.spec)
+    folder = Path(ctx.root) / "trials" / tid
+    summary = folder / "result" / "summary.json"
+    if summary.is_file():
+        tune.report(_final_metrics(summary))
+        return
+    if ctx.workers == 1:
+        result = run_trial(point.spec, _tracker(ctx, point, tid), folder,
+                           report=lambda metrics, checkpoint: tune.report(metrics))
+        _raise_unless_done(result.status, result.error, point.name)
+        return
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"ctx": ctx, "point": point.model_dump(mode="json"), "trial_id": tid},
+        scaling_config=ScalingConfig(num_workers=ctx.workers, use_gpu=ctx.use_gpu,
+                                     resources_per_worker={"CPU": ctx.cpus_per_worker}),
+        run_config=RunConfig(name=f"train-{tid}", storage_path=str(Path(ctx.root) / "train"),
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+class ProgressTable(tune.Callback):
+    """A live table of the trials: status, step/total, loss, accuracy, ETA."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.started: dict[str, float] = {}
+        self.live: Live | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment state; a live display does not pickle.
+        return {**self.__dict__, "live": None}
+
+    def setup(self, **info: Any) -> None:
+        self.live = Live(self._table(), console=Console(stderr=True), refresh_per_second=2)
+        self.live.start()
+
+    def _name(self, trial: Any) -> str:
+        point = trial.config.get("point")
+        return (point and Point.model_validate(point).name) or trial.trial_id
+
+    def _table(self) -> Table:
+        table = Table(title="adaptune sweep", expand=False)
+        for col in ("trial", "status", "step", "loss", "val loss", "accuracy", "ETA"):
+            table.add_column(col)
+        for name, row in sorted(self.rows.items()):
+            table.add_row(name, row.get("status", ""), row.get("step", ""), row.get("loss", ""),
+                          row.get("val", ""), row.get("acc", ""), row.get("eta", ""))
+        return table
+
+    def _update(self, trial: Any, **fields: str) -> None:
+        self.rows.setdefault(self._name(trial), {}).update(fields)
+        if self.live is not None:
+            self.live.update(self._table())
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.started[trial.trial_id] = time.monotonic()
+        self._update(trial, status="RUNNING")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        fields = {}
+        if "step" in result and "total_steps" in result:
+            step, total = int(result["step"]), int(result["total_steps"])
+            fields["step"] = f"{step}/{total}"
+            elapsed = time.monotonic() - self.started.get(trial.trial_id, time.monotonic())
+            if 0 < step < total:
+                fields["eta"] = f"{elapsed / step * (total - step):.0f} s"
+        if "train_loss" in result:
+            fields["loss"] = f"{result['train_loss']:.4f}"
+        if "val_loss" in result:
+            fields["val"] = f"{result['val_loss']:.4f}"
+        if "accuracy/macro" in result:
+            fields["acc"] = f"{result['accuracy/macro']:.2%}"
+            fields["eta"] = ""
+        self._update(trial, **fields)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial, status="DONE")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial, status="ERROR")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` (checked to answer within 25 s first), or start a local one."""
+    if ray.is_initialized():
+        return
+    if address:
+        check_address(address)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             **({} if address else {"configure_logging": False}))
+
+
+def per_trial(sweep: SweepSpec) -> dict[str, float]:
+    r = sweep.resources
+    return {"CPU": r.cpus_per_worker * r.workers_per_trial, "GPU": r.gpus_per_trial * r.workers_per_trial}
+
+
+def max_concurrent(sweep: SweepSpec, cluster: dict[str, float]) -> int:
+    """As many trials as the cluster holds at once: its GPUs (or CPUs) over one trial's need."""
+    need = per_trial(sweep)
+    if need["GPU"] > cluster.get("GPU", 0):
+        raise ConfigError(None, "resources.gpus_per_trial",
+                          f"a trial needs {need['GPU']:g} GPUs; the cluster has {cluster.get('GPU', 0):g}")
+    if need["CPU"] > cluster.get("CPU", 0):
+        raise ConfigError(None, "resources.cpus_per_worker",
+                          f"a trial needs {need['CPU']:g} CPUs; the cluster has {cluster.get('CPU', 0):g}")
+    kind = "GPU" if need["GPU"] > 0 else "CPU"
+    return max(1, math.floor(cluster[kind] / need[kind]))
+
+
+def _tune_config(sweep: SweepSpec, points: list[Point], concurrency: int) -> tuple[dict[str, Any], Any]:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = sweep.scheduler
+    scheduler = (ASHAScheduler(metric=s.metric, mode=s.mode, grace_period=s.grace_period,
+                               reduction_factor=s.reduction_factor, max_t=10**9)
+                 if s.type == "asha" else FIFOScheduler())
+    if sweep.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search = OptunaSearch(space=optuna_space(sweep), metric=sweep.search.metric, mode=sweep.search.mode,
+                              seed=sweep.search.seed)
+        config = tune.TuneConfig(search_alg=search, num_samples=sweep.search.num_samples, scheduler=scheduler,
+                                 max_concurrent_trials=concurrency)
+        return {}, config
+    space = {"point": tune.grid_search([p.model_dump(mode="json") for p in points])}
+    return space, tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrency)
+
+
+def experiment_dir(sweep: SweepSpec) -> Path:
+    return Path(sweep.storage).expanduser().resolve() / sweep.name
+
+
+def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | None, resume: bool,
+        progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or resume) a sweep to the end; returns the summary rows of its trials."""
+    root = experiment_dir(sweep)
+    root.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (root / "sweep.yaml").write_text(file.read_text())
+    uri = sweep.tracking.uri
+    check_tracking(uri)
+    connect(address)
+    concurrency = max_concurrent(sweep, ray.cluster_resources())
+    check_nodes(root, uri)
+    parent = mlflow_sweep.start_parent(uri, sweep, file, points, resume=resume)
+    r = sweep.resources
+    ctx = Context(sweep=sweep.model_dump(mode="json"), root=str(root), tracking_uri=uri,
+                  experiment=sweep.experiment, parent_run_id=parent, workers=r.workers_per_trial,
+                  use_gpu=r.gpus_per_trial > 0, cpus_per_worker=r.cpus_per_worker)
+    # A multi-worker trial's own actor only drives the Train run; its workers hold the resources.
+    resources = ({"cpu": r.cpus_per_worker, "gpu": r.gpus_per_trial} if r.workers_per_trial == 1
+                 else {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(trial_function, ctx=ctx), resources)
+    callbacks = [ProgressTable()] if progress else []
+    run_config = tune.RunConfig(name=sweep.name, storage_path=str(root.parent), callbacks=callbacks, verbose=0)
+    tuner_dir = root / "tuner.pkl"
+    if resume and tuner_dir.exists():
+        tuner = tune.Tuner.restore(str(root), trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        space, tune_config = _tune_config(sweep, points, concurrency)
+        tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+    results = tuner.fit()
+    failed = any(res.error is not None for res in results)
+    return mlflow_sweep.finish_parent(uri, parent, failed=failed)
