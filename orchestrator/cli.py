@@ -200,6 +200,36 @@ def status(
 
 
 @app.command()
+def report(
+    name: Annotated[str, typer.Argument(help="the sweep's name")],
+    storage: Annotated[Path, typer.Option(help="where sweeps keep their state")] = Path("runs"),
+    out: Annotated[Path | None, typer.Option(help="folder for plots and tables (default: <storage>/<name>/report)")]
+    = None,
+) -> None:
+    """Configurations ranked with mean and 95% interval over seeds, the winner's margin, plots to a folder."""
+    from mlflow import MlflowClient
+    from rich.console import Console
+
+    from orchestrator.mlflow_sweep import find_parent
+    from orchestrator.report import collect, table, verdict, write_report
+    from orchestrator.sweep import load_sweep
+
+    saved = storage / name / "sweep.yaml"
+    if not saved.is_file():
+        raise ConfigError(str(saved), None, f"no sweep named {name!r} in {storage}")
+    sweep, _ = load_sweep(saved)
+    uri = sweep.tracking.uri
+    parent = find_parent(MlflowClient(uri), sweep.experiment, sweep.name)
+    if parent is None:
+        raise ConfigError(str(saved), "tracking", f"no MLflow run of sweep {name!r} in {uri} ({sweep.experiment})")
+    summary = collect(uri, parent.info.run_id, metric=sweep.search.metric, mode=sweep.search.mode)
+    path = write_report(summary, out or storage / name / "report")
+    Console(width=max(Console().width, 140)).print(table(summary))
+    typer.echo(verdict(summary))
+    typer.echo(f"plots and tables: {path.parent}")
+
+
+@app.command()
 def ui(
     tracking_uri: Annotated[str, typer.Option(help="the MLflow store")] = "sqlite:///mlflow.db",
     port: Annotated[int, typer.Option()] = 5000,

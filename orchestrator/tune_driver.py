@@ -54,7 +54,7 @@ def _point(config: dict[str, Any], ctx: Context) -> Point:
 
 def _final_metrics(summary: Path) -> dict[str, float]:
     data = json.loads(summary.read_text())
-    return {**data["metrics"], "done": 1.0}
+    return data["metrics"]
 
 
 def _tracker(ctx: Context, point: Point, tid: str) -> MlflowTracker:

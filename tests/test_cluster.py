@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from services import (
     Postgres,
     RayCluster,
@@ -27,6 +28,7 @@ from services import (
     postgres,
     ray_cluster,
 )
+from tiny_models import TINY_CONFIGS
 
 from orchestrator.cluster import check_address, check_tracking
 from workers.errors import ConfigError
@@ -167,7 +169,8 @@ def hidden(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
 
 @pytest.fixture(scope="module")
 def cluster(hidden: Path | None) -> Iterator[RayCluster]:
-    with ray_cluster(TOKEN, hide=hidden) as running:
+    # One CPU per node and one per trial: two concurrent trials must use both nodes.
+    with ray_cluster(TOKEN, cpus_per_node=1, dashboard=True, hide=hidden) as running:
         yield running
 
 
@@ -229,3 +232,94 @@ def test_a_storage_folder_missing_on_a_worker_is_named(cluster: RayCluster, hidd
     assert result["field"] == "storage"
     # node_a (the head, where the driver is) sees the folder; node_b sees an empty disk there.
     assert result["message"].count("node ") == 1 and str(hidden / "runs") in result["message"]
+
+
+# --- sweeps on the cluster -----------------------------------------------------------------------
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LLaMA and a small training set, on the disk every node shares."""
+    root = tmp_path_factory.mktemp("sweep")
+    config = TINY_CONFIGS["llama"]
+    config.save_pretrained(root / "llama")
+    records = [{"instruction": f"Say {w}.", "input": "", "output": f"{w} {w}"} for _ in range(4) for w in WORDS]
+    (root / "train.json").write_text(json.dumps(records))
+    return root
+
+
+def write_sweep(folder: Path, workdir: Path, name: str, tracking_uri: str, space: list[dict]) -> Path:
+    sweep = {
+        "name": name,
+        "base": {"model": str(workdir / "llama"), "random_init": True, "tokenizer": "byte",
+                 "data": {"train": str(workdir / "train.json"), "template": "alpaca", "cutoff_len": 64,
+                          "val_set_size": 8}},
+        "train": {"epochs": 1, "micro_batch_size": 4, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1,
+                  "log_every": 1, "eval_every": 2, "save_every": 2},
+        "seed": 0,
+        "space": space,
+        "resources": {"gpus_per_trial": 0, "workers_per_trial": 1, "cpus_per_worker": 1},
+        "tracking": {"uri": tracking_uri},
+        "storage": str(workdir / "shared" / "runs"),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def sweep_runs(tracking_uri: str, experiment: str) -> tuple[object, list]:
+    """The parent run and its child runs, all of them finished."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == len(runs) - 1
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    return client, children
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_on_both_nodes_against_mlflow_on_postgres(cluster: RayCluster, mlflow_url: str,
+                                                               workdir: Path, tmp_path: Path) -> None:
+    space = [{"type": "lora", "placement": [["q", "v"], ["up", "down"]], "rank": 4},
+             {"type": "series", "placement": [["mlp"], ["attn"]], "bottleneck": 8}]
+    sweep = write_sweep(tmp_path, workdir, "two-nodes", mlflow_url, space)
+    done = subprocess.run([str(Path(sys.executable).parent / "adaptune"), "run", str(sweep),
+                           "--address", cluster.address], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **cluster.env}, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    client, children = sweep_runs(mlflow_url, "two-nodes")
+    assert len({r.info.run_name for r in children}) == len(children) == 4
+    for run in children:
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4]
+        assert run.data.params["adapter.type"] in ("lora", "series")
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"adapter", "summary.json"} <= artifacts
+        assert client.list_artifacts(run.info.run_id, "adapter")
+    # Each node logs its Ray workers in its own folder: the trials' pids say where they ran.
+    results = list((workdir / "shared" / "runs" / "two-nodes").glob("*/result.json"))
+    pids = {json.loads(line)["pid"] for path in results for line in path.read_text().splitlines() if line}
+    assert len(results) == 4
+    assert {cluster.node_of_pid(pid) for pid in pids} == {"node_a", "node_b"}
+
+
+@pytest.mark.slow
+def test_a_sweep_submitted_as_a_ray_job(cluster: RayCluster, mlflow_url: str, workdir: Path, tmp_path: Path) -> None:
+    space = [{"type": "lora", "placement": [["q", "v"]], "rank": [2, 4]}]
+    sweep = write_sweep(tmp_path / "job", workdir, "as-a-job", mlflow_url, space)
+    # The job's driver runs on the head and finds the cluster by itself (RAY_ADDRESS from the job).
+    done = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard,
+                           "--working-dir", str(sweep.parent), "--", "adaptune", "run", "sweep.yaml"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **cluster.env}, check=False)
+    assert done.returncode == 0 and "succeeded" in done.stdout + done.stderr, done.stdout[-4000:] + done.stderr[-3000:]
+    _, children = sweep_runs(mlflow_url, "as-a-job")
+    assert len(children) == 2

@@ -176,6 +176,8 @@ def _run(
         if rank0:
             save_adapter(model, spec.adapter, out / "adapter", base_model=spec.model)
     if not rank0:
+        if report is not None:  # every rank reports the same steps (Ray Train synchronises on them)
+            report({**metrics, "step": outcome.global_step, "total_steps": outcome.total_steps}, None)
         return TrialResult(TrialStatus.SUCCEEDED, metrics)
     (out / "summary.json").write_text(json.dumps(
         {"trial_id": trial_id(spec), "adapter": spec.adapter.short_name(), "metrics": metrics,
@@ -187,7 +189,8 @@ def _run(
         tracker.log_artifact(out / "predictions", "predictions")
     tracker.log_artifact(out / "summary.json")
     tracker.log_artifact(out / "spec.yaml")
-    if report is not None:
-        report({**metrics, "step": outcome.global_step, "total_steps": outcome.total_steps, "done": 1.0}, None)
     tracker.finish(TrialStatus.SUCCEEDED)
+    if report is not None:
+        # Last: a scheduler may end the trial's process as soon as it has the final result.
+        report({**metrics, "step": outcome.global_step, "total_steps": outcome.total_steps}, None)
     return TrialResult(TrialStatus.SUCCEEDED, metrics, adapter_dir=out / "adapter")

@@ -1,0 +1,425 @@
+"""The report of a sweep: one row per configuration, plots, and how sure the winner is.
+
+Trials that differ only in their seed are one configuration. Its accuracy is the mean over seeds
+with a 95% Student-t interval, mean ± t(0.975, n-1) · s / √n (none for a single run). Whether the
+best configuration beats the runner-up is asked of the same questions: a paired bootstrap resamples
+the questions of each task (the same draw for both), averages each question's correctness over the
+seeds, and reports the difference in macro accuracy with its 95% percentile interval and the share
+of resamples in which the best is not ahead (a one-sided p-value).
+
+Plots: accuracy vs trainable parameters with the Pareto front, a placement x method heatmap,
+accuracy vs bottleneck size and vs LoRA rank (when the sweep varies them), and training curves.
+`build_report` reads everything from the MLflow store and writes into a folder, which
+`orchestrator.mlflow_sweep.finish_parent` logs on the sweep's parent run.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import math
+import statistics
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from rich.table import Table
+
+from workers.spec import TrialSpec
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+PARENT_TAG = "mlflow.parentRunId"
+SUCCEEDED = ("SUCCEEDED", "FINISHED")
+# Params that identify a configuration: the spec's fields, less what repeats a configuration.
+_CONFIG_FIELDS = set(TrialSpec.model_fields) - {"name", "seed"}
+COSTS = ("gpu_hours", "cpu_hours", "tokens_trained", "train_seconds")
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over `n` runs and its 95% interval (NaN bounds for a single run)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
+    """mean ± t((1 + confidence) / 2, n - 1) · s / √n."""
+    from scipy.stats import t
+
+    n = len(values)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = statistics.fmean(values)
+    if n == 1:
+        return Interval(mean, math.nan, math.nan, 1)
+    half = float(t.ppf((1 + confidence) / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (cost, score) points no other point beats: no lower-or-equal cost with a higher
+    score, or lower cost with an equal one. Ordered by cost."""
+    front = []
+    for i, (cost, score) in enumerate(points):
+        dominated = any(
+            (c <= cost and s >= score) and (c < cost or s > score) for j, (c, s) in enumerate(points) if j != i
+        )
+        if not dominated and not any(points[k] == (cost, score) for k in front):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """best - other in macro accuracy over the shared questions, with its percentile interval."""
+
+    delta: float
+    low: float
+    high: float
+    p_value: float
+    questions: int
+    resamples: int
+
+    @property
+    def significant(self) -> bool:
+        return self.low > 0
+
+
+def paired_bootstrap(
+    best: Mapping[str, np.ndarray],
+    other: Mapping[str, np.ndarray],
+    *,
+    resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    chunk: int = 1_000,
+) -> Bootstrap:
+    """Resample each task's questions with replacement, the same draw for both configurations.
+
+    `best[task][i]` and `other[task][i]` score question i of `task` (correct = 1, averaged over
+    seeds). The statistic is the mean over tasks of the per-task accuracy difference.
+    """
+    tasks = sorted(best)
+    if sorted(other) != tasks or not tasks:
+        raise ValueError(f"the two configurations answered different tasks: {sorted(best)} vs {sorted(other)}")
+    diffs = [np.asarray(best[t], dtype=float) - np.asarray(other[t], dtype=float) for t in tasks]
+    rng = np.random.default_rng(seed)
+    deltas = np.zeros(resamples)
+    for d in diffs:
+        for start in range(0, resamples, chunk):
+            size = min(chunk, resamples - start)
+            deltas[start:start + size] += d[rng.integers(0, len(d), size=(size, len(d)))].mean(axis=1)
+    deltas /= len(tasks)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(deltas, [tail, 100 - tail])
+    return Bootstrap(
+        delta=float(np.mean([d.mean() for d in diffs])), low=float(low), high=float(high),
+        p_value=float((np.sum(deltas <= 0) + 1) / (resamples + 1)), questions=sum(len(d) for d in diffs),
+        resamples=resamples,
+    )
+
+
+@dataclass
+class Trial:
+    run_id: str
+    name: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    adapter: str
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status in SUCCEEDED
+
+    def config_key(self) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted((k, v) for k, v in self.params.items() if k.split(".", 1)[0] in _CONFIG_FIELDS))
+
+
+def _placement(text: str | None) -> str:
+    if not text:
+        return "every layer"
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return "+".join(value) if isinstance(value, list) else str(value)
+
+
+@dataclass
+class Configuration:
+    """The trials of one point of the space, its seeds aside."""
+
+    label: str
+    trials: list[Trial]
+    stats: dict[str, Interval] = field(default_factory=dict)
+
+    @property
+    def params(self) -> dict[str, str]:
+        return self.trials[0].params
+
+    @property
+    def method(self) -> str:
+        return self.params.get("adapter.type", "?")
+
+    @property
+    def placement(self) -> str:
+        return _placement(self.params.get("adapter.placement"))
+
+    def number(self, key: str) -> float | None:
+        value = self.params.get(key)
+        try:
+            return float(value) if value is not None else None
+        except ValueError:
+            return None
+
+    @property
+    def trainable_params(self) -> float | None:
+        return self.number("trainable_params")
+
+    @property
+    def seeds(self) -> list[str]:
+        return [t.params.get("seed", "?") for t in self.trials]
+
+
+def group(trials: Sequence[Trial]) -> list[Configuration]:
+    """Configurations in first-seen order, labelled by the adapter's short name plus whatever else
+    the sweep varied between configurations (`lora-r8-qv lr=0.001`)."""
+    by_key: dict[tuple, list[Trial]] = defaultdict(list)
+    for trial in trials:
+        by_key[trial.config_key()].append(trial)
+    keys = list(by_key)
+    varied = sorted({
+        k for k in {k for key in keys for k, _ in key}
+        if not k.startswith("adapter.") and len({dict(key).get(k) for key in keys}) > 1
+    })
+    configs = []
+    for key in keys:
+        values = dict(key)
+        members = by_key[key]
+        extra = " ".join(f"{k.rsplit('.', 1)[-1]}={values.get(k, '-')}" for k in varied)
+        configs.append(Configuration(" ".join(filter(None, [members[0].adapter, extra])), members))
+    return configs
+
+
+def metric_names(trials: Sequence[Trial]) -> list[str]:
+    """The accuracy metrics the trials report, macro first."""
+    names = sorted({k for t in trials for k in t.metrics if k.startswith("accuracy/") and k != "accuracy/macro"})
+    return ["accuracy/macro", *names] if any("accuracy/macro" in t.metrics for t in trials) else names
+
+
+@dataclass
+class Summary:
+    """Everything the report shows, computed once from the store."""
+
+    metric: str
+    mode: str
+    configurations: list[Configuration]
+    trials: list[Trial]
+    costs: dict[str, float]
+    curves: dict[str, dict[str, list[tuple[int, float]]]]
+    bootstrap: Bootstrap | None = None
+    ranked: list[Configuration] = field(default_factory=list)
+    note: str = ""
+
+
+def rank(configs: Sequence[Configuration], metric: str, mode: str) -> list[Configuration]:
+    """Configurations with a value of `metric`, best first."""
+    scored = [c for c in configs if c.stats.get(metric) and not math.isnan(c.stats[metric].mean)]
+    return sorted(scored, key=lambda c: c.stats[metric].mean, reverse=mode == "max")
+
+
+def _load_trials(client: MlflowClient, parent_run_id: str) -> list[Trial]:
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=50_000)
+    return [
+        Trial(run.info.run_id, run.info.run_name, run.data.tags.get("adaptune.status", run.info.status),
+              dict(run.data.params), dict(run.data.metrics), run.data.tags.get("adaptune.adapter", run.info.run_name))
+        for run in runs
+    ]
+
+
+def _question_scores(
+    client: MlflowClient, configs: Sequence[Configuration], tasks: Sequence[str]
+) -> list[dict[str, np.ndarray]]:
+    """Per configuration and task: each question's correctness averaged over seeds, over the
+    questions every trial of both configurations answered."""
+    answers: list[list[dict[str, dict[int, bool]]]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for c_index, config in enumerate(configs):
+            runs = []
+            for trial in config.trials:
+                folder = Path(tmp) / f"{c_index}-{trial.run_id}"
+                folder.mkdir()
+                local = Path(client.download_artifacts(trial.run_id, "predictions", str(folder)))
+                runs.append({
+                    t: {row["id"]: bool(row["correct"]) for row in map(json.loads, (local / f"{t}.jsonl").open())}
+                    for t in tasks
+                })
+            answers.append(runs)
+    scores = []
+    for runs in answers:
+        per_task = {}
+        for t in tasks:
+            shared = sorted(set.intersection(*(set(r[t]) for config in answers for r in config)))
+            per_task[t] = np.array([np.mean([r[t][q] for r in runs]) for q in shared])
+        scores.append(per_task)
+    return scores
+
+
+def _task_of(metric: str) -> str:
+    return metric.split("/", 1)[1]
+
+
+def collect(tracking_uri: str, parent_run_id: str, *, metric: str = "accuracy/macro", mode: str = "max",
+            resamples: int = 10_000) -> Summary:
+    """Read the sweep's trials from MLflow and compute the configurations, ranking and bootstrap."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    trials = _load_trials(client, parent_run_id)
+    configs = group(trials)
+    names = [*metric_names(trials), "val_loss", "final_train_loss"]
+    for config in configs:
+        done = [t for t in config.trials if t.succeeded]
+        config.stats = {m: mean_interval([t.metrics[m] for t in done if m in t.metrics]) for m in names}
+    costs = {c: sum(t.metrics.get(c, 0.0) for t in trials) for c in COSTS}
+    curves = {
+        t.name + ("" if len(trials) == len({x.name for x in trials}) else f" ({t.run_id[:6]})"): {
+            key: [(h.step, h.value) for h in client.get_metric_history(t.run_id, key)]
+            for key in ("train_loss", "val_loss")
+        }
+        for t in trials
+    }
+    summary = Summary(metric, mode, configs, trials, costs, curves, ranked=rank(configs, metric, mode))
+    if len(summary.ranked) < 2:
+        summary.note = "fewer than two finished configurations: nothing to compare"
+    elif not metric.startswith("accuracy/"):
+        summary.note = f"{metric} is not an accuracy: no per-question comparison"
+    else:
+        best, runner_up = summary.ranked[:2]
+        tasks = ([_task_of(m) for m in metric_names(best.trials) if m != "accuracy/macro"]
+                 if metric == "accuracy/macro" else [_task_of(metric)])
+        a, b = _question_scores(client, [best, runner_up], tasks)
+        summary.bootstrap = paired_bootstrap(a, b, resamples=resamples)
+    return summary
+
+
+# --- output ---------------------------------------------------------------------------------------------------
+
+def _fmt(interval: Interval | None, percent: bool) -> str:
+    if interval is None or interval.n == 0 or math.isnan(interval.mean):
+        return "-"
+    scale, unit = (100, "%") if percent else (1, "")
+    text = f"{interval.mean * scale:.2f}{unit}"
+    if interval.n > 1:
+        text += f" [{interval.low * scale:.2f}, {interval.high * scale:.2f}]"
+    return text
+
+
+def configuration_rows(summary: Summary) -> list[dict[str, object]]:
+    """The summary table, one row per configuration, best first, unfinished ones last."""
+    order = summary.ranked + [c for c in summary.configurations if c not in summary.ranked]
+    metrics = metric_names(summary.trials)
+    rows = []
+    for config in order:
+        row: dict[str, object] = {
+            "configuration": config.label, "method": config.method, "placement": config.placement,
+            "bottleneck": config.params.get("adapter.bottleneck", ""), "rank": config.params.get("adapter.rank", ""),
+            "trainable_params": config.params.get("trainable_params", ""),
+            "seeds": " ".join(config.seeds), "finished": sum(t.succeeded for t in config.trials),
+            "statuses": " ".join(sorted({t.status for t in config.trials})),
+        }
+        for m in [*metrics, "val_loss"]:
+            interval = config.stats.get(m)
+            row[f"{m} mean"] = interval.mean if interval and interval.n else ""
+            row[f"{m} ci95 low"] = interval.low if interval and interval.n > 1 else ""
+            row[f"{m} ci95 high"] = interval.high if interval and interval.n > 1 else ""
+        for cost in COSTS:
+            row[cost] = sum(t.metrics.get(cost, 0.0) for t in config.trials)
+        rows.append(row)
+    return rows
+
+
+def verdict(summary: Summary) -> str:
+    """One sentence on the winner and how sure the sweep is of it."""
+    if summary.bootstrap is None:
+        return summary.note
+    best, runner_up = summary.ranked[:2]
+    b = summary.bootstrap
+    sure = "beats" if b.significant else "is not distinguishable from"
+    return (f"{best.label} {sure} the runner-up {runner_up.label} on the same {b.questions} questions: "
+            f"{b.delta * 100:+.2f} points of macro accuracy, 95% interval [{b.low * 100:+.2f}, {b.high * 100:+.2f}], "
+            f"one-sided p = {b.p_value:.4f} (paired bootstrap, {b.resamples} resamples)")
+
+
+def table(summary: Summary) -> Table:
+    """The summary table for the terminal."""
+    metrics = metric_names(summary.trials)
+    out = Table(title=f"configurations by {summary.metric} ({summary.mode}); mean [95% interval] over seeds")
+    for column in ("configuration", "params", "seeds", *metrics, "val_loss", "status"):
+        out.add_column(column, justify="left" if column in ("configuration", "status") else "right")
+    for config in summary.ranked + [c for c in summary.configurations if c not in summary.ranked]:
+        params = config.trainable_params
+        out.add_row(
+            config.label, f"{params:,.0f}" if params is not None else "-", str(len(config.trials)),
+            *(_fmt(config.stats.get(m), True) for m in metrics), _fmt(config.stats.get("val_loss"), False),
+            " ".join(sorted({t.status for t in config.trials})),
+        )
+    return out
+
+
+def _write_csv(rows: Sequence[Mapping[str, object]], path: Path) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_report(summary: Summary, out_dir: Path) -> Path:
+    """configurations.csv, comparison.json, the plots and report.md in `out_dir`; returns report.md."""
+    from orchestrator import report_plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = configuration_rows(summary)
+    _write_csv(rows, out_dir / "configurations.csv")
+    comparison = {
+        "metric": summary.metric, "mode": summary.mode, "verdict": verdict(summary),
+        "best": summary.ranked[0].label if summary.ranked else None,
+        "runner_up": summary.ranked[1].label if len(summary.ranked) > 1 else None,
+        "bootstrap": vars(summary.bootstrap) if summary.bootstrap else None, "costs": summary.costs,
+    }
+    (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    plots = report_plots.draw_all(summary, out_dir)
+    lines = [f"# Sweep report ({len(summary.trials)} trials, {len(summary.configurations)} configurations)", "",
+             verdict(summary), "", f"| configuration | trainable | seeds | {summary.metric} |", "|---|---:|---:|---:|"]
+    for config in summary.ranked:
+        params = config.trainable_params
+        lines.append(f"| {config.label} | {params:,.0f} | {len(config.trials)} | "
+                     f"{_fmt(config.stats.get(summary.metric), summary.metric.startswith('accuracy/'))} |"
+                     if params is not None else f"| {config.label} | - | {len(config.trials)} | - |")
+    lines += ["", "Costs: " + ", ".join(f"{k} {v:,.4g}" for k, v in summary.costs.items()), "",
+              *(f"![{p.stem}]({p.name})" for p in plots)]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def build_report(tracking_uri: str, parent_run_id: str, out_dir: Path, *, metric: str = "accuracy/macro",
+                 mode: str = "max") -> Path:
+    """Write the sweep's report into `out_dir` from its MLflow store; returns the report.md path."""
+    return write_report(collect(tracking_uri, parent_run_id, metric=metric, mode=mode), Path(out_dir))
