@@ -224,7 +224,7 @@ def check_nodes(storage: str | Path, tracking_uri: str, timeout_s: float = 30.0)
                 .remote(folder, marker, tracking_uri): n for n in nodes}
         done, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         problems = [p for ref in done for p in ray.get(ref)]
-        problems += [("storage", f"node {refs[ref]['NodeManagerAddress']} did not answer within {timeout_s:.0f} s")
+        problems += [("--address", f"node {refs[ref]['NodeManagerAddress']} did not answer within {timeout_s:.0f} s")
                      for ref in late]
         for ref in late:
             ray.cancel(ref, force=True)

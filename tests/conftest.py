@@ -38,3 +38,14 @@ def byte_tok():
     from workers.model_loading import byte_tokenizer
 
     return byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (about 7 s to start), shared by every driver test."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

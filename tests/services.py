@@ -131,7 +131,7 @@ def mlflow_server(backend_uri: str, artifacts: Path, env: dict[str, str] | None 
             time.sleep(0.5)
         yield url
     finally:
-        stop_group(proc)
+        stop_group(proc, grace_s=5)
 
 
 @dataclass(frozen=True)

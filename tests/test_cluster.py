@@ -281,7 +281,7 @@ def sweep_runs(tracking_uri: str, experiment: str) -> tuple[object, list]:
     assert len(parents) == 1, [r.info.run_name for r in parents]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == len(runs) - 1
-    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
     return client, children
 
 
@@ -300,7 +300,7 @@ def test_a_sweep_runs_on_both_nodes_against_mlflow_on_postgres(cluster: RayClust
     assert len({r.info.run_name for r in children}) == len(children) == 4
     for run in children:
         history = client.get_metric_history(run.info.run_id, "train_loss")
-        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4]
+        assert sorted(m.step for m in history) == [1, 2, 3]  # 24 examples, batch 8, one epoch
         assert run.data.params["adapter.type"] in ("lora", "series")
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"adapter", "summary.json"} <= artifacts

@@ -165,6 +165,8 @@ def _run(
         "peak_memory_gb": outcome.peak_memory_bytes / 2**30,
         ("gpu_hours" if on_gpu else "cpu_hours"): outcome.seconds * trainer.world / 3600,
     }
+    if outcome.val_loss is not None:
+        metrics["val_loss"] = outcome.val_loss
     with trainer.gathered_adapter():
         # ZeRO-3 keeps parameters partitioned: every rank takes part in evaluation then.
         if spec.data.eval and (rank0 or spec.train.zero_stage == 3):

@@ -45,6 +45,7 @@ class TrainOutcome:
     peak_memory_bytes: int
     cancelled: bool = False
     losses: list[tuple[int, float]] = field(default_factory=list)
+    val_loss: float | None = None
 
 
 def init_distributed(backend: str) -> tuple[int, int]:
@@ -167,6 +168,7 @@ class Trainer:
             self.engine.compile()
         self.global_step, self.epoch, self.position, self.tokens = 0, 0, 0, 0
         self.losses: list[tuple[int, float]] = []
+        self.last_val_loss: float | None = None
 
     def _epoch_order(self, epoch: int) -> tuple[list, int]:
         """This rank's micro-batches of `epoch`, and the optimizer steps the epoch holds."""
@@ -287,7 +289,7 @@ class Trainer:
                 if self.global_step % t.eval_every == 0:
                     val = self.validation_loss()
                     if val is not None:
-                        metrics["val_loss"] = val
+                        metrics["val_loss"] = self.last_val_loss = val
                 checkpoint = None
                 stop = should_stop is not None and should_stop()
                 if self.global_step % t.save_every == 0 or stop:
@@ -305,5 +307,5 @@ class Trainer:
             global_step=self.global_step, total_steps=self.total_steps,
             final_loss=self.losses[-1][1] if self.losses else float("nan"), tokens=self.tokens,
             seconds=time.perf_counter() - started, peak_memory_bytes=peak_memory_bytes(self.device),
-            cancelled=cancelled, losses=list(self.losses),
+            cancelled=cancelled, losses=list(self.losses), val_loss=self.last_val_loss,
         )

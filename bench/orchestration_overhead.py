@@ -1,0 +1,132 @@
+"""What the sweep driver costs: the same N small trials by `run_trial` in a loop and by `adaptune run`.
+
+Prints one JSON object. Both sides are fresh processes timed from their start (imports included)
+and write MLflow runs into their own sqlite store; a trial "starts" when its MLflow run is created,
+right before `run_trial`. The sweep runs one trial at a time (`cpus_per_worker` = every CPU), so
+the difference is orchestration alone: Ray start, Tune, the parent run, reports and the report.
+
+    python bench/orchestration_overhead.py                 # 4 trials of a tiny random LLaMA on CPU
+    python bench/orchestration_overhead.py --trials 8 --steps 8
+
+Goal (issue 6): at most 1 s per trial beyond the job itself, and the first trial started at most
+10 s after the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def write_inputs(folder: Path, trials: int, steps: int) -> Path:
+    """A tiny true/false task and a sweep of `trials` seeds of one LoRA trial over it."""
+    records = [{"instruction": f"Is {n} an even number?", "input": "", "output": str(n % 2 == 0).lower(),
+                "answer": str(n % 2 == 0).lower()} for n in range(64)]
+    (folder / "train.json").write_text(json.dumps(records))
+    (folder / "test.json").write_text(json.dumps(records[:8]))
+    sweep = {
+        "name": "bench-overhead",
+        "base": {"model": str(REPO / "sweeps" / "models" / "tiny-llama"), "random_init": True, "tokenizer": "byte",
+                 "data": {"train": str(folder / "train.json"), "eval": [str(folder / "test.json")],
+                          "template": "alpaca", "cutoff_len": 128, "val_set_size": 8, "allow_leakage": True},
+                 "eval": {"max_new_tokens": 4, "limit": 8}},
+        "train": {"max_steps": steps, "micro_batch_size": 8, "batch_size": 8, "warmup_steps": 0, "log_every": 2,
+                  "eval_every": 2, "save_every": steps},
+        "seed": list(range(trials)),
+        "space": [{"type": "lora", "placement": [["q", "v"]], "rank": 4}],
+        "resources": {"cpus_per_worker": os.cpu_count() or 1},
+        "tracking": {"uri": f"sqlite:///{folder / 'sweep.db'}", "experiment": "bench"},
+        "storage": str(folder / "runs"),
+    }
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def loop(sweep_file: Path, uri: str, work: Path) -> None:
+    """The baseline, run in its own process: every trial of the sweep by `run_trial`, one after another."""
+    from orchestrator.sweep import load_sweep
+    from workers.job import run_trial
+    from workers.tracking import MlflowTracker, TrialStatus
+
+    _, points = load_sweep(sweep_file)
+    for point in points:
+        tracker = MlflowTracker(uri, "bench", point.name, trial_id=f"loop:{point.name}")
+        result = run_trial(point.spec, tracker, work / point.name)
+        if result.status != TrialStatus.SUCCEEDED:
+            raise SystemExit(f"{point.name}: {result.error}")
+
+
+def runs(uri: str) -> list[Any]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("bench")
+    found = client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in found if "mlflow.parentRunId" in r.data.tags or "adaptune.sweep" not in r.data.tags]
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(epoch start, wall seconds) of a command that must succeed."""
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        raise SystemExit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{tail}")
+    return start, time.time() - start
+
+
+def measure(trials: int, steps: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        sweep_file = write_inputs(folder, trials, steps)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        loop_uri = f"sqlite:///{folder / 'loop.db'}"
+        loop_start, loop_wall = timed([sys.executable, __file__, "--loop", str(sweep_file), loop_uri,
+                                       str(folder / "loop")], env)
+        sweep_start, sweep_wall = timed([sys.executable, "-m", "orchestrator.cli", "run", str(sweep_file)], env)
+        sides = {}
+        for side, uri, start, wall in (("loop", loop_uri, loop_start, loop_wall),
+                                       ("sweep", f"sqlite:///{folder / 'sweep.db'}", sweep_start, sweep_wall)):
+            children = runs(uri)
+            if len(children) != trials:
+                raise SystemExit(f"{side}: {len(children)} MLflow runs, expected {trials}")
+            first = min(r.info.start_time for r in children) / 1000
+            sides[side] = {"wall_s": round(wall, 2), "first_trial_start_s": round(first - start, 2),
+                           "per_trial_s": round(wall / trials, 2)}
+    overhead = (sides["sweep"]["wall_s"] - sides["loop"]["wall_s"]) / trials
+    return {
+        "benchmark": "orchestration_overhead", "trials": trials, "steps_per_trial": steps, "cpus": os.cpu_count(),
+        "loop": sides["loop"], "sweep": sides["sweep"],
+        "overhead_per_trial_s": round(overhead, 2),
+        "sweep_over_loop": round(sides["sweep"]["wall_s"] / sides["loop"]["wall_s"], 3),
+        "goals": {"overhead_per_trial_le_1s": overhead <= 1.0,
+                  "first_trial_start_le_10s": sides["sweep"]["first_trial_start_s"] <= 10.0},
+    }
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--loop":
+        loop(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per trial")
+    args = parser.parse_args()
+    print(json.dumps(measure(args.trials, args.steps), indent=2))
+
+
+if __name__ == "__main__":
+    main()
