@@ -2,8 +2,10 @@
 
 Prints one JSON object. Both sides are fresh processes timed from their start (imports included)
 and write MLflow runs into their own sqlite store; a trial "starts" when its MLflow run is created,
-right before `run_trial`. The sweep runs one trial at a time (`cpus_per_worker` = every CPU), so
-the difference is orchestration alone: Ray start, Tune, the parent run, reports and the report.
+right before `run_trial`, and ends when the run is closed. Where the time goes, per side: until the
+first trial starts, inside the trials' runs, between one trial's end and the next one's start, and
+after the last (for the sweep: the parent run's summary, the report, Ray's shutdown). The sweep
+runs one trial at a time (`cpus_per_worker` = every CPU), so the difference is orchestration alone.
 
     python bench/orchestration_overhead.py                 # 4 trials of a tiny random LLaMA on CPU
     python bench/orchestration_overhead.py --trials 8 --steps 8
@@ -15,8 +17,10 @@ Goal (issue 6): at most 1 s per trial beyond the job itself, and the first trial
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,9 +107,15 @@ def measure(trials: int, steps: int) -> dict[str, Any]:
             children = runs(uri)
             if len(children) != trials:
                 raise SystemExit(f"{side}: {len(children)} MLflow runs, expected {trials}")
-            first = min(r.info.start_time for r in children) / 1000
-            sides[side] = {"wall_s": round(wall, 2), "first_trial_start_s": round(first - start, 2),
-                           "per_trial_s": round(wall / trials, 2)}
+            spans = sorted((r.info.start_time / 1000, r.info.end_time / 1000) for r in children)
+            gaps = [b[0] - a[1] for a, b in itertools.pairwise(spans)]
+            sides[side] = {
+                "wall_s": round(wall, 2), "per_trial_s": round(wall / trials, 2),
+                "first_trial_start_s": round(spans[0][0] - start, 2),
+                "trial_run_s": round(statistics.fmean(e - b for b, e in spans), 2),
+                "between_trials_s": round(statistics.fmean(gaps), 2) if gaps else 0.0,
+                "after_last_trial_s": round(start + wall - spans[-1][1], 2),
+            }
     overhead = (sides["sweep"]["wall_s"] - sides["loop"]["wall_s"]) / trials
     return {
         "benchmark": "orchestration_overhead", "trials": trials, "steps_per_trial": steps, "cpus": os.cpu_count(),

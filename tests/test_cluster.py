@@ -290,7 +290,9 @@ def test_a_sweep_runs_on_both_nodes_against_mlflow_on_postgres(cluster: RayClust
                                                                workdir: Path, tmp_path: Path) -> None:
     space = [{"type": "lora", "placement": [["q", "v"], ["up", "down"]], "rank": 4},
              {"type": "series", "placement": [["mlp"], ["attn"]], "bottleneck": 8}]
-    sweep = write_sweep(tmp_path, workdir, "two-nodes", mlflow_url, space)
+    # Credentials in the tracking URI (this server ignores them) must not reach MLflow's records.
+    secret = "pw-in-the-uri-5d41402a"
+    sweep = write_sweep(tmp_path, workdir, "two-nodes", mlflow_url.replace("://", f"://adaptune:{secret}@"), space)
     done = subprocess.run([str(Path(sys.executable).parent / "adaptune"), "run", str(sweep),
                            "--address", cluster.address], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600, env={**os.environ, **cluster.env}, check=False)
@@ -305,6 +307,11 @@ def test_a_sweep_runs_on_both_nodes_against_mlflow_on_postgres(cluster: RayClust
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"adapter", "summary.json"} <= artifacts
         assert client.list_artifacts(run.info.run_id, "adapter")
+    for run in [*children, client.get_run(children[0].data.tags["mlflow.parentRunId"])]:
+        assert secret not in json.dumps([run.data.params, run.data.tags]), run.info.run_name
+        folder = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts" / run.info.run_id)))
+        for path in folder.rglob("*"):
+            assert not path.is_file() or secret.encode() not in path.read_bytes(), path
     # Each node logs its Ray workers in its own folder: the trials' pids say where they ran.
     results = list((workdir / "shared" / "runs" / "two-nodes").glob("*/result.json"))
     pids = {json.loads(line)["pid"] for path in results for line in path.read_text().splitlines() if line}
@@ -323,3 +330,16 @@ def test_a_sweep_submitted_as_a_ray_job(cluster: RayCluster, mlflow_url: str, wo
     assert done.returncode == 0 and "succeeded" in done.stdout + done.stderr, done.stdout[-4000:] + done.stderr[-3000:]
     _, children = sweep_runs(mlflow_url, "as-a-job")
     assert len(children) == 2
+
+
+def test_adaptune_run_on_a_silent_address_stops_with_one_line(workdir: Path, tmp_path: Path) -> None:
+    space = [{"type": "lora", "placement": [["q", "v"]], "rank": 4}]
+    sweep = write_sweep(tmp_path, workdir, "silent", f"sqlite:///{tmp_path}/mlflow.db", space)
+    start = time.monotonic()
+    done = subprocess.run([str(Path(sys.executable).parent / "adaptune"), "run", str(sweep), "--address",
+                           f"127.0.0.1:{free_port()}"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert time.monotonic() - start < FAST_S
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = done.stderr.strip()
+    assert "\n" not in line and line.startswith("error: ") and "--address" in line and "does not answer" in line

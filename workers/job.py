@@ -22,6 +22,8 @@ from workers.errors import ConfigError
 from workers.spec import TrialSpec
 from workers.tracking import Tracker, TrialStatus, redact
 
+# report(metrics, checkpoint): at every log point and at the end; `checkpoint` is the newest checkpoint
+# on disk then (it may predate the metrics' step), or None.
 Report = Callable[[dict[str, float], Path | None], None]
 
 # Fields that may change between an interrupted run and its resume: they do not touch training.

@@ -30,9 +30,9 @@ from workers.errors import ConfigError
 from workers.placement import family_for
 
 if TYPE_CHECKING:
+    from workers.job import Report
     from workers.spec import TrialSpec
 
-Report = Callable[[dict[str, float], Path | None], None]
 
 
 @dataclass
@@ -169,6 +169,7 @@ class Trainer:
         self.global_step, self.epoch, self.position, self.tokens = 0, 0, 0, 0
         self.losses: list[tuple[int, float]] = []
         self.last_val_loss: float | None = None
+        self.last_checkpoint: Path | None = None
 
     def _epoch_order(self, epoch: int) -> tuple[list, int]:
         """This rank's micro-batches of `epoch`, and the optimizer steps the epoch holds."""
@@ -290,13 +291,14 @@ class Trainer:
                     val = self.validation_loss()
                     if val is not None:
                         metrics["val_loss"] = self.last_val_loss = val
-                checkpoint = None
                 stop = should_stop is not None and should_stop()
-                if self.global_step % t.save_every == 0 or stop:
-                    checkpoint = self.save()
+                # Metrics go out before the checkpoint that covers their step: a crash between the
+                # two replays the step on resume instead of losing its record.
                 if metrics and report is not None:
                     metrics.update(step=self.global_step, total_steps=self.total_steps, epoch=self.epoch)
-                    report(metrics, checkpoint)
+                    report(metrics, self.last_checkpoint)
+                if self.global_step % t.save_every == 0 or stop:
+                    self.last_checkpoint = self.save()
                 if stop:
                     cancelled = True
                     break
