@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/adaptune demo
+	$(BIN)/adaptune run sweeps/demo.yaml --new
 
 test: venv
 	$(BIN)/ruff check .

@@ -89,13 +89,13 @@ def _prepare_sweep(sweep_file: Path, *, new: bool, resume: bool) -> tuple[Any, l
     import shutil
     import time
 
+    from orchestrator.cluster import check_tracking
     from orchestrator.sweep import load_sweep
     from orchestrator.tune_driver import experiment_dir
-    from workers.tracking import check_tracking_uri
 
     sweep, points = load_sweep(sweep_file)
     try:
-        check_tracking_uri(sweep.tracking.uri)
+        check_tracking(sweep.tracking.uri)
     except ConfigError as exc:
         raise ConfigError(str(sweep_file), "tracking.uri", exc.message) from None
     root = experiment_dir(sweep)
