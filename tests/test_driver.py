@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from clirunner import run_cli
 from mlflow import MlflowClient
 
-from orchestrator.cli import main
 from orchestrator.mlflow_sweep import SWEEP_TAG, child_runs, find_parent
 from orchestrator.sweep import load_sweep
 
@@ -93,15 +93,6 @@ FOUR = [
 ]
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["adaptune", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _runs(tmp_path: Path, name: str):

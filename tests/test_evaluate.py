@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from clirunner import run_cli
 from tiny_models import tiny_model
 
-from orchestrator.cli import main
 from workers.evaluate import evaluate, generate_greedy
 from workers.model_loading import byte_tokenizer
 from workers.spec import EvalSpec
@@ -96,15 +95,6 @@ def test_paper_protocol_runs_beam_search(shared_data: Path) -> None:
     assert result.tasks["boolq"].total == 2 and result.generated_tokens == 8
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["adaptune", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_eval_cli_with_an_adapter(shared_data: Path, tmp_path: Path, monkeypatch, capsys) -> None:

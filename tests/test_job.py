@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirunner import run_cli
 from safetensors.torch import load_file
 from tiny_models import TINY_CONFIGS
 
-from orchestrator.cli import main
 from workers.job import run_trial
 from workers.spec import parse_trial_spec
 from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus, flatten_params
@@ -211,14 +211,6 @@ def test_secrets_never_reach_params(tmp_path: Path) -> None:
     assert params == {"password": "***", "model": "m"}
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["adaptune", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -231,7 +223,7 @@ def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
 )
 def test_trial_cli_bad_input(train, needle, workdir, tmp_path, monkeypatch, capsys) -> None:
     spec_file = _write_spec(tmp_path / "t.yaml", spec_for(workdir, **train))
-    code, err = run_cli(["trial", str(spec_file), "--tracking-uri", f"sqlite:///{tmp_path}/ml.db",
+    code, _, err = run_cli(["trial", str(spec_file), "--tracking-uri", f"sqlite:///{tmp_path}/ml.db",
                          "--checkpoint-dir", str(tmp_path / "c")], monkeypatch, capsys)
     assert code == 2 and needle in err and "Traceback" not in err
 
@@ -239,9 +231,9 @@ def test_trial_cli_bad_input(train, needle, workdir, tmp_path, monkeypatch, caps
 def test_unreachable_tracking_uri_fails_before_the_model_loads(workdir, tmp_path, monkeypatch, capsys) -> None:
     spec_file = _write_spec(tmp_path / "t.yaml", spec_for(workdir))
     started = time.monotonic()
-    code, err = run_cli(["trial", str(spec_file), "--tracking-uri", "http://127.0.0.1:9"], monkeypatch, capsys)
+    code, _, err = run_cli(["trial", str(spec_file), "--tracking-uri", "http://127.0.0.1:9"], monkeypatch, capsys)
     assert code == 2 and "does not answer" in err and time.monotonic() - started < 30
-    code, err = run_cli(["trial", str(spec_file), "--tracking-uri", "sqlite:////nonexistent/dir/ml.db"],
+    code, _, err = run_cli(["trial", str(spec_file), "--tracking-uri", "sqlite:////nonexistent/dir/ml.db"],
                         monkeypatch, capsys)
     assert code == 2 and "does not exist" in err
 
@@ -252,6 +244,6 @@ def test_resuming_with_another_spec_is_refused(workdir, tmp_path, monkeypatch, c
     changed = spec_for(workdir, epochs=1, lr=5e-3)
     changed["adapter"] = {**ADAPTERS["lora"], "rank": 4}
     spec_file = _write_spec(tmp_path / "t.yaml", changed)
-    code, err = run_cli(["trial", str(spec_file), "--tracking-uri", f"sqlite:///{tmp_path}/ml.db",
+    code, _, err = run_cli(["trial", str(spec_file), "--tracking-uri", f"sqlite:///{tmp_path}/ml.db",
                          "--checkpoint-dir", str(ckpt)], monkeypatch, capsys)
     assert code == 2 and "adapter.rank" in err and "train.lr" in err

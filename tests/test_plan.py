@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-from orchestrator.cli import main
+from clirunner import run_cli
 
 # (hidden d, MLP width f, layers L, fused qkv, base parameters of the meta build)
 SHAPES = {
@@ -40,15 +38,6 @@ def closed_form(method: str, d: int, f: int, layers: int, fused: bool) -> int:
     return layers * per_layer
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["adaptune", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def write_spec(tmp_path: Path, model: str | Path, adapter: dict) -> Path:
