@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from workers.errors import ConfigError
-from workers.tracking import check_tracking_uri, redact
+from workers.tracking import check_tracking_uri, redact_value
 
 DATABASE_SCHEMES = frozenset({"postgresql", "mysql", "mssql"})
 _LOCAL_ADDRESSES = frozenset({"", "auto", "local"})
@@ -109,7 +109,7 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
 def _check_server(uri: str, timeout_s: float) -> None:
     import requests
 
-    shown = redact("tracking.uri", uri)
+    shown = redact_value(uri)
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     token = os.environ.get("MLFLOW_TRACKING_TOKEN")
     try:
@@ -141,7 +141,7 @@ def _check_database(uri: str, timeout_s: float) -> None:
     import sqlalchemy
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
-    shown = redact("tracking.uri", uri)
+    shown = redact_value(uri)
     try:
         engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": max(1, int(timeout_s))})
     except (ArgumentError, NoSuchModuleError, ImportError) as exc:
@@ -151,7 +151,7 @@ def _check_database(uri: str, timeout_s: float) -> None:
         with engine.connect() as connection:
             connection.execute(sqlalchemy.text("SELECT 1"))
     except OperationalError as exc:
-        detail = str(exc.orig or exc).strip().splitlines()[-1]
+        detail = str(exc.orig or exc).strip().splitlines()[0]
         if re.search(r"password authentication failed|access denied|authentication failed", detail, re.I):
             raise ConfigError(None, "tracking.uri", f"{shown} rejects the credentials: {detail}") from None
         raise ConfigError(None, "tracking.uri", f"{shown} does not answer: {detail}") from None

@@ -13,12 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from orchestrator.report import build_report
 from orchestrator.sweep import Point, SweepSpec
 from workers.provenance import git_sha
-from workers.tracking import experiment_id
+from workers.tracking import experiment_id, redact
 
 SWEEP_TAG = "adaptune.sweep"
 PARENT_TAG = "mlflow.parentRunId"
@@ -48,8 +50,11 @@ def start_parent(uri: str, sweep: SweepSpec, file: Path, points: Sequence[Point]
     client.log_param(run_id, "trials", str(len(points)) if points else f"optuna x {sweep.search.num_samples}")
     client.log_param(run_id, "search", sweep.search.algorithm)
     client.log_param(run_id, "scheduler", sweep.scheduler.type)
-    client.log_artifact(run_id, str(file), artifact_path="sweep")
     with tempfile.TemporaryDirectory() as tmp:
+        # The sweep file less its secrets: tracking.uri may carry a password.
+        copy = Path(tmp) / file.name
+        copy.write_text(yaml.safe_dump(redact(yaml.safe_load(file.read_text())), sort_keys=False))
+        client.log_artifact(run_id, str(copy), artifact_path="sweep")
         space = Path(tmp) / "expanded_space.json"
         space.write_text(json.dumps([{"name": p.name, "branch": p.branch, "values": p.values,
                                       "spec": p.spec.model_dump(mode="json")} for p in points], indent=1))
@@ -105,7 +110,9 @@ def write_summary(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def finish_parent(uri: str, parent_id: str, *, failed: bool) -> list[dict[str, Any]]:
+def finish_parent(
+    uri: str, parent_id: str, *, failed: bool, metric: str = "accuracy/macro", mode: str = "max"
+) -> list[dict[str, Any]]:
     """Close stragglers, log the summary table, the cost totals and the report on the parent run."""
     client = MlflowClient(uri)
     close_stragglers(client, parent_id)
@@ -118,12 +125,8 @@ def finish_parent(uri: str, parent_id: str, *, failed: bool) -> list[dict[str, A
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_summary(rows, folder / "summary.csv")
-        try:
-            from orchestrator.report import build_report
-        except ImportError:
-            build_report = None
-        if build_report is not None and rows:
-            build_report(uri, parent_id, folder)
+        if rows:
+            build_report(uri, parent_id, folder, metric=metric, mode=mode)
         client.log_artifacts(parent_id, str(folder), artifact_path="report")
     client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
     return rows

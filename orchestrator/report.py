@@ -19,6 +19,7 @@ import ast
 import csv
 import json
 import math
+import os
 import statistics
 import tempfile
 from collections import defaultdict
@@ -253,18 +254,21 @@ def _load_trials(client: MlflowClient, parent_run_id: str) -> list[Trial]:
 def _question_scores(
     client: MlflowClient, configs: Sequence[Configuration], tasks: Sequence[str]
 ) -> list[dict[str, np.ndarray]]:
-    """Per configuration and task: each question's correctness averaged over seeds, over the
-    questions every trial of both configurations answered."""
+    """Per configuration and task: each question's correctness averaged over the finished seeds,
+    over the questions every one of those trials answered."""
+    # One progress bar per small download would bury the report's table.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     answers: list[list[dict[str, dict[int, bool]]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for c_index, config in enumerate(configs):
             runs = []
-            for trial in config.trials:
+            for trial in (t for t in config.trials if t.succeeded):
                 folder = Path(tmp) / f"{c_index}-{trial.run_id}"
                 folder.mkdir()
                 local = Path(client.download_artifacts(trial.run_id, "predictions", str(folder)))
                 runs.append({
-                    t: {row["id"]: bool(row["correct"]) for row in map(json.loads, (local / f"{t}.jsonl").open())}
+                    t: {row["id"]: bool(row["correct"])
+                        for row in map(json.loads, (local / f"{t}.jsonl").read_text().splitlines())}
                     for t in tasks
                 })
             answers.append(runs)

@@ -168,6 +168,25 @@ def _point(sweep: SweepSpec, file: str, branch: int, fields: dict[str, Any], var
     return Point(branch=branch, values={k: fields[k] for k in varying}, spec=spec)
 
 
+def _check_distribution(value: dict[str, Any]) -> str | None:
+    """Why `value` cannot be sampled, or None."""
+    kind, args = next(iter(value.items()))
+    if not isinstance(args, list) or not args:
+        return f"{kind} needs a non-empty list"
+    if kind == "choice":
+        return None
+    if len(args) != 2 or not all(isinstance(a, int | float) for a in args):
+        return f"{kind} needs [low, high], got {args!r}"
+    low, high = args
+    if kind == "loguniform" and low <= 0:
+        return f"loguniform needs low > 0, got {low}"
+    if kind == "randint" and not (isinstance(low, int) and isinstance(high, int)):
+        return f"randint needs integers, got {args!r}"
+    if low >= high:
+        return f"{kind} needs low < high (randint excludes high), got {args!r}"
+    return None
+
+
 def _branch_axes(sweep: SweepSpec, file: str, b: int) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         fields = _axes(sweep.space[b], sweep.train, sweep.seed)
@@ -177,6 +196,8 @@ def _branch_axes(sweep: SweepSpec, file: str, b: int) -> tuple[dict[str, Any], d
     for key, value in axes.items():
         if isinstance(value, list) and not value:
             raise ConfigError(file, _where(key, b), "empty axis: give at least one value")
+        if _is_distribution(value) and (why := _check_distribution(value)):
+            raise ConfigError(file, _where(key, b), why)
     return fields, axes
 
 

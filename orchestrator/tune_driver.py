@@ -188,9 +188,14 @@ def connect(address: str | None) -> None:
              **({} if address else {"configure_logging": False}))
 
 
+# What the Tune trial of a multi-worker trial holds itself (Tune refuses an empty request).
+DRIVER_CPU = 0.01
+
+
 def per_trial(sweep: SweepSpec) -> dict[str, float]:
     r = sweep.resources
-    return {"CPU": r.cpus_per_worker * r.workers_per_trial, "GPU": r.gpus_per_trial * r.workers_per_trial}
+    driver = DRIVER_CPU if r.workers_per_trial > 1 else 0.0
+    return {"CPU": r.cpus_per_worker * r.workers_per_trial + driver, "GPU": r.gpus_per_trial * r.workers_per_trial}
 
 
 def max_concurrent(sweep: SweepSpec, cluster: dict[str, float]) -> int:
@@ -219,10 +224,11 @@ def _tune_config(sweep: SweepSpec, points: list[Point], concurrency: int) -> tup
         search = OptunaSearch(space=optuna_space(sweep), metric=sweep.search.metric, mode=sweep.search.mode,
                               seed=sweep.search.seed)
         config = tune.TuneConfig(search_alg=search, num_samples=sweep.search.num_samples, scheduler=scheduler,
-                                 max_concurrent_trials=concurrency)
+                                 max_concurrent_trials=concurrency, reuse_actors=True)
         return {}, config
     space = {"point": tune.grid_search([p.model_dump(mode="json") for p in points])}
-    return space, tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrency)
+    # Reused actors keep torch, transformers and DeepSpeed imported: ~9 s saved per trial here.
+    return space, tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrency, reuse_actors=True)
 
 
 def experiment_dir(sweep: SweepSpec) -> Path:
@@ -248,7 +254,7 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
                   use_gpu=r.gpus_per_trial > 0, cpus_per_worker=r.cpus_per_worker)
     # A multi-worker trial's own actor only drives the Train run; its workers hold the resources.
     resources = ({"cpu": r.cpus_per_worker, "gpu": r.gpus_per_trial} if r.workers_per_trial == 1
-                 else {"cpu": 0.01})
+                 else {"cpu": DRIVER_CPU})
     trainable = tune.with_resources(tune.with_parameters(trial_function, ctx=ctx), resources)
     callbacks = [ProgressTable()] if progress else []
     run_config = tune.RunConfig(name=sweep.name, storage_path=str(root.parent), callbacks=callbacks, verbose=0)
@@ -260,4 +266,5 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
     results = tuner.fit()
     failed = any(res.error is not None for res in results)
-    return mlflow_sweep.finish_parent(uri, parent, failed=failed)
+    return mlflow_sweep.finish_parent(uri, parent, failed=failed, metric=sweep.search.metric,
+                                      mode=sweep.search.mode)

@@ -105,7 +105,7 @@ def test_tracking_check_accepts_the_real_server_and_database(pg: Postgres, mlflo
 def test_a_database_with_the_wrong_password_is_refused_without_echoing_it(pg: Postgres) -> None:
     error = raises_fast(check_tracking, pg.uri(password="not-the-password"))
     assert error.field == "tracking.uri" and "rejects the credentials" in error.message
-    assert "not-the-password" not in str(error) and pg.user in str(error)
+    assert "not-the-password" not in str(error) and "***@127.0.0.1" in str(error)
 
 
 @pytest.mark.parametrize("scheme", ["http", "postgresql"])
@@ -324,9 +324,16 @@ def test_a_sweep_submitted_as_a_ray_job(cluster: RayCluster, mlflow_url: str, wo
     space = [{"type": "lora", "placement": [["q", "v"]], "rank": [2, 4]}]
     sweep = write_sweep(tmp_path / "job", workdir, "as-a-job", mlflow_url, space)
     # The job's driver runs on the head and finds the cluster by itself (RAY_ADDRESS from the job).
-    done = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard,
-                           "--working-dir", str(sweep.parent), "--", "adaptune", "run", "sweep.yaml"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, **cluster.env}, check=False)
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard,
+              "--working-dir", str(sweep.parent), "--", "adaptune", "run", "sweep.yaml"]
+    deadline = time.monotonic() + 60
+    while True:
+        done = subprocess.run(submit, capture_output=True, text=True, timeout=600, env={**os.environ, **cluster.env},
+                              check=False)
+        # A fresh head answers before its job agent has registered: Ray says so, and to try again.
+        if "No available agent" not in done.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert done.returncode == 0 and "succeeded" in done.stdout + done.stderr, done.stdout[-4000:] + done.stderr[-3000:]
     _, children = sweep_runs(mlflow_url, "as-a-job")
     assert len(children) == 2

@@ -216,3 +216,19 @@ def test_dry_run_lists_the_trials(tmp_path, monkeypatch, capsys) -> None:
 def test_status_reads_mlflow(tmp_path, monkeypatch, capsys) -> None:
     code, _, err = run_cli(["status", "nope", "--storage", str(tmp_path)], monkeypatch, capsys)
     assert code == 2 and "no sweep named 'nope'" in err
+
+
+@pytest.mark.slow
+def test_a_multi_worker_trial_runs_through_ray_train(ray_local, tmp_path: Path, monkeypatch, capsys) -> None:
+    space = [{"type": "lora", "placement": ["q", "v"], "rank": 4}]
+    sweep = tiny_sweep(tmp_path, "ddp", space, resources={"workers_per_trial": 2, "cpus_per_worker": 0.5})
+    code, _, err = run_cli(["run", str(sweep)], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    client, parent, children = _runs(tmp_path, "ddp")
+    assert [r.info.run_name for r in children] == ["lora-r4-qv"]
+    run = children[0]
+    assert run.info.status == "FINISHED" and parent.info.status == "FINISHED"
+    assert "accuracy/animals-test" in run.data.metrics
+    summary = next((tmp_path / "runs" / "ddp" / "trials").glob("*/result/summary.json"))
+    assert "adapter" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert summary.is_file()

@@ -89,6 +89,11 @@ def store(tmp_path_factory) -> dict:
     failed.log_params({**_spec({"type": "lora", "placement": ["q", "v"], "rank": 4}, 0).model_dump(mode="json")})
     failed.set_tags({"adaptune.adapter": "lora-r4-qv"})
     failed.finish(TrialStatus.FAILED)
+    # A fourth seed of the winner that crashed: it counts in no mean and has no predictions.
+    crashed = MlflowTracker(uri, "report-test", "lora-r8-qv-s3", trial_id=f"{parent}:crashed", parent_run_id=parent)
+    crashed.log_params({**_spec(CONFIGS[0][0], 3).model_dump(mode="json"), "trainable_params": CONFIGS[0][1]})
+    crashed.set_tags({"adaptune.adapter": "lora-r8-qv"})
+    crashed.finish(TrialStatus.FAILED)
     return {"uri": uri, "parent": parent, "answers": answers, "root": root}
 
 
@@ -151,6 +156,7 @@ def test_configurations_group_seeds_with_their_intervals(store: dict) -> None:
             low, _ = stats.t.interval(0.95, len(runs) - 1, loc=np.mean(macro), scale=stats.sem(macro))
             assert interval.low == pytest.approx(low)
     assert by_label["lora-r4-qv"].stats["accuracy/macro"].n == 0  # failed: listed, never ranked
+    assert len(by_label["lora-r8-qv"].trials) == 4  # three finished seeds and the crashed one
     assert [c.label for c in summary.ranked] == sorted(
         store["answers"], key=lambda lab: -np.mean([np.mean([np.mean(r[t]) for t in TASKS])
                                                     for r in store["answers"][lab]]))
@@ -189,7 +195,7 @@ def test_report_files(store: dict, tmp_path: Path) -> None:
     assert float(top["accuracy/macro mean"]) > float(rows[1]["accuracy/macro mean"])
     assert float(top["accuracy/macro ci95 low"]) < float(top["accuracy/macro mean"]) < float(
         top["accuracy/macro ci95 high"])
-    assert top["seeds"] == "0 1 2" and top["trainable_params"] == "4096"
+    assert top["seeds"] == "0 1 2 3" and top["finished"] == "3" and top["trainable_params"] == "4096"
     comparison = json.loads((out / "comparison.json").read_text())
     assert comparison["best"] == "lora-r8-qv" and comparison["bootstrap"]["p_value"] < 0.05
 
@@ -224,3 +230,20 @@ def test_report_command(store: dict, tmp_path: Path, monkeypatch, capsys) -> Non
         main()
     assert exit_info.value.code == 2
     assert "nosuch" in capsys.readouterr().err
+
+
+def test_a_sweep_without_finished_trials_still_gets_its_report(store: dict, tmp_path: Path) -> None:
+    """finish_parent writes the report of every sweep, the ones where everything failed included."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store["uri"])
+    exp = client.get_experiment_by_name("report-test").experiment_id
+    parent = client.create_run(exp, run_name="doomed").info.run_id
+    tracker = MlflowTracker(store["uri"], "report-test", "prefix-v8-s0", trial_id=f"{parent}:t", parent_run_id=parent)
+    tracker.log_params(_spec({"type": "prefix", "virtual_tokens": 8}, 0).model_dump(mode="json"))
+    tracker.finish(TrialStatus.FAILED)
+    path = build_report(store["uri"], parent, tmp_path / "out")
+    assert "nothing to compare" in path.read_text()
+    assert not list(path.parent.glob("*.png"))
+    with (path.parent / "configurations.csv").open() as fh:
+        assert [r["statuses"] for r in csv.DictReader(fh)] == ["FAILED"]
