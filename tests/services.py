@@ -176,8 +176,11 @@ def ray_cluster(token: str, *, cpus_per_node: int = 1, dashboard: bool = False, 
     temp = {name: Path(tempfile.mkdtemp(prefix=f"adt-{name}-")) for name in ("node_a", "node_b")}
     port = free_port()
     address = f"127.0.0.1:{port}"
+    # Each node's agent gets a port of its own: by default every agent on the machine takes 52365,
+    # and the head's job API needs its agent's.
     head_cmd = [ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={temp['node_a']}",
-                f"--num-cpus={cpus_per_node}", '--resources={"node_a": 1}', "--block", "--disable-usage-stats"]
+                f"--num-cpus={cpus_per_node}", '--resources={"node_a": 1}', "--block", "--disable-usage-stats",
+                f"--dashboard-agent-listen-port={free_port()}"]
     dashboard_url = None
     if dashboard:
         dashboard_port = free_port()
@@ -186,7 +189,8 @@ def ray_cluster(token: str, *, cpus_per_node: int = 1, dashboard: bool = False, 
     else:
         head_cmd.append("--include-dashboard=false")
     node_cmd = [ray_bin, "start", f"--address={address}", f"--temp-dir={temp['node_b']}",
-                f"--num-cpus={cpus_per_node}", '--resources={"node_b": 1}', "--block", "--disable-usage-stats"]
+                f"--num-cpus={cpus_per_node}", '--resources={"node_b": 1}', "--block", "--disable-usage-stats",
+                f"--dashboard-agent-listen-port={free_port()}"]
     if hide is not None:
         hide.mkdir(parents=True, exist_ok=True)
         node_cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
