@@ -179,9 +179,7 @@ def status(
     storage: Annotated[Path, typer.Option(help="where sweeps keep their state")] = Path("runs"),
 ) -> None:
     """The trials of a sweep (or of every sweep in the storage) and their status, from MLflow."""
-    from mlflow import MlflowClient
-
-    from orchestrator.mlflow_sweep import find_parent, summary_rows
+    from orchestrator.mlflow_sweep import sweep_status
     from orchestrator.sweep import load_sweep
 
     files = [storage / name / "sweep.yaml"] if name else sorted(storage.glob("*/sweep.yaml"))
@@ -189,13 +187,12 @@ def status(
         raise ConfigError(str(files[0]), None, f"no sweep named {name!r} in {storage}")
     for file in files:
         sweep, _ = load_sweep(file)
-        client = MlflowClient(sweep.tracking.uri)
-        parent = find_parent(client, sweep.experiment, sweep.name)
-        if parent is None:
+        found = sweep_status(sweep.tracking.uri, sweep.experiment, sweep.name)
+        if found is None:
             typer.echo(f"{sweep.name}: no MLflow run yet")
             continue
-        rows = summary_rows(client, parent)
-        typer.echo(f"{sweep.name}: {parent.info.status}, {len(rows)} trials")
+        state, rows = found
+        typer.echo(f"{sweep.name}: {state}, {len(rows)} trials")
         _print_rows(rows)
 
 
@@ -207,10 +204,9 @@ def report(
     = None,
 ) -> None:
     """Configurations ranked with mean and 95% interval over seeds, the winner's margin, plots to a folder."""
-    from mlflow import MlflowClient
     from rich.console import Console
 
-    from orchestrator.mlflow_sweep import find_parent
+    from orchestrator.mlflow_sweep import MlflowTrials, parent_run_id
     from orchestrator.report import collect, table, verdict, write_report
     from orchestrator.sweep import load_sweep
 
@@ -219,10 +215,10 @@ def report(
         raise ConfigError(str(saved), None, f"no sweep named {name!r} in {storage}")
     sweep, _ = load_sweep(saved)
     uri = sweep.tracking.uri
-    parent = find_parent(MlflowClient(uri), sweep.experiment, sweep.name)
+    parent = parent_run_id(uri, sweep.experiment, sweep.name)
     if parent is None:
         raise ConfigError(str(saved), "tracking", f"no MLflow run of sweep {name!r} in {uri} ({sweep.experiment})")
-    summary = collect(uri, parent.info.run_id, metric=sweep.search.metric, mode=sweep.search.mode)
+    summary = collect(MlflowTrials(uri, parent), metric=sweep.search.metric, mode=sweep.search.mode)
     path = write_report(summary, out or storage / name / "report")
     Console(width=max(Console().width, 140)).print(table(summary))
     typer.echo(verdict(summary))

@@ -7,9 +7,9 @@ minutes) or fail once per trial. The driver calls, in this order:
     check_address(address)             # before ray.init(address=...)
     check_tracking(tracking_uri)       # from the driver's machine
     ray.init(address=...)
-    check_nodes(storage, tracking_uri) # from every alive node, through Ray
+    tune_driver.check_nodes(storage, tracking_uri)  # `probe_node` on every alive node, through Ray
 
-`check_nodes` is the only function here that needs Ray (imported inside it).
+Nothing here imports Ray: `probe_node` is what Ray runs on each node.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -161,13 +160,17 @@ def _check_database(uri: str, timeout_s: float) -> None:
 
 # --- every node --------------------------------------------------------------------------------
 
-def _is_uri(storage: str) -> bool:
+def is_uri(storage: str) -> bool:
     return bool(re.match(r"^[a-z][a-z0-9+.-]*://", storage))
 
 
-def _probe_node(storage: str | None, marker: str | None, tracking_uri: str) -> list[tuple[str, str]]:
-    """On one node: (field, problem) for what is wrong with its view of the storage and the tracking store."""
-    where = f"node {socket.gethostname()} ({_node_ip()})"
+def probe_node(storage: str | None, marker: str | None, tracking_uri: str, where: str) -> list[tuple[str, str]]:
+    """On one node: (field, problem) for what is wrong with its view of the storage and the tracking store.
+
+    `storage` is the driver's storage folder (None for a URI), `marker` a file the driver left in it
+    (None when the driver's disk is not the cluster's), `where` names the node in the messages.
+    """
+    where = f"node {socket.gethostname()} ({where})"
     problems = []
     if storage is not None:
         folder = Path(storage)
@@ -185,52 +188,6 @@ def _probe_node(storage: str | None, marker: str | None, tracking_uri: str) -> l
     return problems
 
 
-def _node_ip() -> str:
-    import ray
-
-    return ray.util.get_node_ip_address()
-
-
-def check_nodes(storage: str | Path, tracking_uri: str, timeout_s: float = 30.0) -> None:
-    """After `ray.init`: every alive node sees the same storage folder and reaches the tracking store.
-
-    A local `storage` path must be one shared folder (the same files on every node); the driver
-    creates it and leaves a marker file that each node must see. SQLite tracking is refused on a
-    cluster spanning machines: each machine would write its own file.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = [node for node in ray.nodes() if node["Alive"]]
-    if _scheme(tracking_uri) in ("sqlite", "file", "") and len({n["NodeManagerAddress"] for n in nodes}) > 1:
-        raise ConfigError(None, "tracking.uri", f"{tracking_uri} is a file on one machine, and this cluster spans "
-                                                f"{len({n['NodeManagerAddress'] for n in nodes})}: use an MLflow "
-                                                f"server (http://...) or a database (postgresql://...)")
-    folder = marker = None
-    if not _is_uri(str(storage)):
-        path = Path(storage).expanduser().resolve()
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(None, "storage", f"cannot create {path}: {exc.strerror}") from None
-        folder = str(path)
-        # Under Ray Client the driver's disk is not the cluster's: only each node's own view is checked.
-        if not ray.util.client.ray.is_connected():
-            marker = f".adaptune-probe-{uuid.uuid4().hex}"
-            (path / marker).touch()
-    probe = ray.remote(num_cpus=0)(_probe_node)
-    try:
-        refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(folder, marker, tracking_uri): n for n in nodes}
-        done, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-        problems = [p for ref in done for p in ray.get(ref)]
-        problems += [("--address", f"node {refs[ref]['NodeManagerAddress']} did not answer within {timeout_s:.0f} s")
-                     for ref in late]
-        for ref in late:
-            ray.cancel(ref, force=True)
-    finally:
-        if marker:
-            (Path(folder) / marker).unlink(missing_ok=True)
-    if problems:
-        fields = sorted({field for field, _ in problems})
-        raise ConfigError(None, " and ".join(fields), "; ".join(message for _, message in problems))
+def single_machine_uri(tracking_uri: str) -> bool:
+    """A tracking store that is a file on one machine (SQLite, a file store): refused on a multi-machine cluster."""
+    return _scheme(tracking_uri) in ("sqlite", "file", "")

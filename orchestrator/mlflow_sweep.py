@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from orchestrator.report import build_report
+from orchestrator.report import Trial, collect, write_report
 from orchestrator.sweep import Point, SweepSpec
 from workers.provenance import git_sha
 from workers.tracking import experiment_id, redact
@@ -25,6 +26,29 @@ from workers.tracking import experiment_id, redact
 SWEEP_TAG = "adaptune.sweep"
 PARENT_TAG = "mlflow.parentRunId"
 COSTS = ("gpu_hours", "cpu_hours", "tokens_trained")
+
+
+class MlflowTrials:
+    """The trials of one sweep, read from its MLflow store (a `report.TrialSource`)."""
+
+    def __init__(self, uri: str, parent_run_id: str) -> None:
+        self.client = MlflowClient(uri)
+        self.parent = self.client.get_run(parent_run_id)
+
+    def trials(self) -> list[Trial]:
+        runs = sorted(child_runs(self.client, self.parent), key=lambda run: run.info.start_time)
+        return [Trial(run.info.run_id, run.info.run_name, run.data.tags.get("adaptune.status", run.info.status),
+                      dict(run.data.params), dict(run.data.metrics),
+                      run.data.tags.get("adaptune.adapter", run.info.run_name))
+                for run in runs]
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+    def predictions(self, run_id: str, folder: Path) -> Path:
+        # One progress bar per small download would bury the report's table.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        return Path(self.client.download_artifacts(run_id, "predictions", str(folder)))
 
 
 def find_parent(client: MlflowClient, experiment: str, name: str) -> Run | None:
@@ -64,7 +88,26 @@ def start_parent(uri: str, sweep: SweepSpec, file: Path, points: Sequence[Point]
 
 def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
     query = f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
-    return client.search_runs([parent.info.experiment_id], filter_string=query, max_results=10_000)
+    return client.search_runs([parent.info.experiment_id], filter_string=query, max_results=50_000)
+
+
+def parent_run_id(uri: str, experiment: str, name: str) -> str | None:
+    """The run id of sweep `name`'s parent run (the newest), or None."""
+    found = find_parent(MlflowClient(uri), experiment, name)
+    return found.info.run_id if found else None
+
+
+def sweep_status(uri: str, experiment: str, name: str) -> tuple[str, list[dict[str, Any]]] | None:
+    """The parent run's status and one row per trial, or None when the sweep has no run yet."""
+    client = MlflowClient(uri)
+    parent = find_parent(client, experiment, name)
+    return None if parent is None else (parent.info.status, summary_rows(client, parent))
+
+
+def build_report(uri: str, parent_id: str, out_dir: Path, *, metric: str = "accuracy/macro",
+                 mode: str = "max") -> Path:
+    """Write the sweep's report into `out_dir` from its MLflow store; returns the report.md path."""
+    return write_report(collect(MlflowTrials(uri, parent_id), metric=metric, mode=mode), Path(out_dir))
 
 
 def close_stragglers(client: MlflowClient, parent_id: str) -> int:

@@ -9,8 +9,9 @@ of resamples in which the best is not ahead (a one-sided p-value).
 
 Plots: accuracy vs trainable parameters with the Pareto front, a placement x method heatmap,
 accuracy vs bottleneck size and vs LoRA rank (when the sweep varies them), and training curves.
-`build_report` reads everything from the MLflow store and writes into a folder, which
-`orchestrator.mlflow_sweep.finish_parent` logs on the sweep's parent run.
+`collect` reads the trials through a `TrialSource` (`orchestrator.mlflow_sweep.MlflowTrials` reads
+them from the MLflow store: this module never touches MLflow) and `write_report` writes a folder,
+which `orchestrator.mlflow_sweep.finish_parent` logs on the sweep's parent run.
 """
 
 from __future__ import annotations
@@ -19,24 +20,19 @@ import ast
 import csv
 import json
 import math
-import os
 import statistics
 import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from rich.table import Table
 
 from workers.spec import TrialSpec
 
-if TYPE_CHECKING:
-    from mlflow import MlflowClient
-
-PARENT_TAG = "mlflow.parentRunId"
 SUCCEEDED = ("SUCCEEDED", "FINISHED")
 # Params that identify a configuration: the spec's fields, less what repeats a configuration.
 _CONFIG_FIELDS = set(TrialSpec.model_fields) - {"name", "seed"}
@@ -240,24 +236,24 @@ def rank(configs: Sequence[Configuration], metric: str, mode: str) -> list[Confi
     return sorted(scored, key=lambda c: c.stats[metric].mean, reverse=mode == "max")
 
 
-def _load_trials(client: MlflowClient, parent_run_id: str) -> list[Trial]:
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-                              order_by=["attributes.start_time ASC"], max_results=50_000)
-    return [
-        Trial(run.info.run_id, run.info.run_name, run.data.tags.get("adaptune.status", run.info.status),
-              dict(run.data.params), dict(run.data.metrics), run.data.tags.get("adaptune.adapter", run.info.run_name))
-        for run in runs
-    ]
+class TrialSource(Protocol):
+    """Where a sweep's trials are read from."""
+
+    def trials(self) -> list[Trial]:
+        """The sweep's trials, oldest first."""
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of one metric of one trial."""
+
+    def predictions(self, run_id: str, folder: Path) -> Path:
+        """Fetch a trial's predictions into `folder`; returns the folder holding `<task>.jsonl`."""
 
 
 def _question_scores(
-    client: MlflowClient, configs: Sequence[Configuration], tasks: Sequence[str]
+    source: TrialSource, configs: Sequence[Configuration], tasks: Sequence[str]
 ) -> list[dict[str, np.ndarray]]:
     """Per configuration and task: each question's correctness averaged over the finished seeds,
     over the questions every one of those trials answered."""
-    # One progress bar per small download would bury the report's table.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     answers: list[list[dict[str, dict[int, bool]]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for c_index, config in enumerate(configs):
@@ -265,7 +261,7 @@ def _question_scores(
             for trial in (t for t in config.trials if t.succeeded):
                 folder = Path(tmp) / f"{c_index}-{trial.run_id}"
                 folder.mkdir()
-                local = Path(client.download_artifacts(trial.run_id, "predictions", str(folder)))
+                local = source.predictions(trial.run_id, folder)
                 runs.append({
                     t: {row["id"]: bool(row["correct"])
                         for row in map(json.loads, (local / f"{t}.jsonl").read_text().splitlines())}
@@ -286,13 +282,10 @@ def _task_of(metric: str) -> str:
     return metric.split("/", 1)[1]
 
 
-def collect(tracking_uri: str, parent_run_id: str, *, metric: str = "accuracy/macro", mode: str = "max",
+def collect(source: TrialSource, *, metric: str = "accuracy/macro", mode: str = "max",
             resamples: int = 10_000) -> Summary:
-    """Read the sweep's trials from MLflow and compute the configurations, ranking and bootstrap."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    trials = _load_trials(client, parent_run_id)
+    """Read the sweep's trials from `source` and compute the configurations, ranking and bootstrap."""
+    trials = source.trials()
     configs = group(trials)
     names = [*metric_names(trials), "val_loss", "final_train_loss"]
     for config in configs:
@@ -301,7 +294,7 @@ def collect(tracking_uri: str, parent_run_id: str, *, metric: str = "accuracy/ma
     costs = {c: sum(t.metrics.get(c, 0.0) for t in trials) for c in COSTS}
     curves = {
         t.name + ("" if len(trials) == len({x.name for x in trials}) else f" ({t.run_id[:6]})"): {
-            key: [(h.step, h.value) for h in client.get_metric_history(t.run_id, key)]
+            key: source.history(t.run_id, key)
             for key in ("train_loss", "val_loss")
         }
         for t in trials
@@ -315,7 +308,7 @@ def collect(tracking_uri: str, parent_run_id: str, *, metric: str = "accuracy/ma
         best, runner_up = summary.ranked[:2]
         tasks = ([_task_of(m) for m in metric_names(best.trials) if m != "accuracy/macro"]
                  if metric == "accuracy/macro" else [_task_of(metric)])
-        a, b = _question_scores(client, [best, runner_up], tasks)
+        a, b = _question_scores(source, [best, runner_up], tasks)
         summary.bootstrap = paired_bootstrap(a, b, resamples=resamples)
     return summary
 
@@ -421,9 +414,3 @@ def write_report(summary: Summary, out_dir: Path) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def build_report(tracking_uri: str, parent_run_id: str, out_dir: Path, *, metric: str = "accuracy/macro",
-                 mode: str = "max") -> Path:
-    """Write the sweep's report into `out_dir` from its MLflow store; returns the report.md path."""
-    return write_report(collect(tracking_uri, parent_run_id, metric=metric, mode=mode), Path(out_dir))

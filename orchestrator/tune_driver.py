@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from orchestrator import mlflow_sweep
-from orchestrator.cluster import check_address, check_nodes, check_tracking
+from orchestrator.cluster import check_address, check_tracking, is_uri, probe_node, single_machine_uri
 from orchestrator.sweep import Point, SweepSpec, optuna_space, point_from_optuna
 from workers.errors import ConfigError
 from workers.job import run_trial, trial_id
@@ -178,14 +179,65 @@ class ProgressTable(tune.Callback):
             self.live.stop()
 
 
-def connect(address: str | None) -> None:
-    """Join the cluster at `address` (checked to answer within 25 s first), or start a local one."""
+def connect(address: str | None) -> bool:
+    """Join the cluster at `address` or RAY_ADDRESS (checked to answer first), or start a local one.
+
+    Returns True when the cluster was started here (then it is this machine, and its only node).
+    """
     if ray.is_initialized():
-        return
-    if address:
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
         check_address(address)
-    ray.init(address=address, include_dashboard=False, log_to_driver=False,
-             **({} if address else {"configure_logging": False}))
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        return False
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def check_nodes(storage: str | Path, tracking_uri: str, timeout_s: float = 30.0) -> None:
+    """After `ray.init`: every alive node sees the same storage folder and reaches the tracking store.
+
+    A local `storage` path must be one shared folder (the same files on every node); the driver
+    creates it and leaves a marker file that each node must see. SQLite tracking is refused on a
+    cluster spanning machines: each machine would write its own file.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    machines = {n["NodeManagerAddress"] for n in nodes}
+    if single_machine_uri(tracking_uri) and len(machines) > 1:
+        raise ConfigError(None, "tracking.uri", f"{tracking_uri} is a file on one machine, and this cluster spans "
+                                                f"{len(machines)}: use an MLflow server (http://...) or a database "
+                                                f"(postgresql://...)")
+    folder = marker = None
+    if not is_uri(str(storage)):
+        path = Path(storage).expanduser().resolve()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(None, "storage", f"cannot create {path}: {exc.strerror}") from None
+        folder = str(path)
+        # Under Ray Client the driver's disk is not the cluster's: only each node's own view is checked.
+        if not ray.util.client.ray.is_connected():
+            marker = f".adaptune-probe-{uuid.uuid4().hex}"
+            (path / marker).touch()
+    probe = ray.remote(num_cpus=0)(probe_node)
+    try:
+        refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(folder, marker, tracking_uri, n["NodeManagerAddress"]): n for n in nodes}
+        done, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        problems = [p for ref in done for p in ray.get(ref)]
+        problems += [("--address", f"node {refs[ref]['NodeManagerAddress']} did not answer within {timeout_s:.0f} s")
+                     for ref in late]
+        for ref in late:
+            ray.cancel(ref, force=True)
+    finally:
+        if marker:
+            (Path(folder) / marker).unlink(missing_ok=True)
+    if problems:
+        fields = sorted({field for field, _ in problems})
+        raise ConfigError(None, " and ".join(fields), "; ".join(message for _, message in problems))
 
 
 # What the Tune trial of a multi-worker trial holds itself (Tune refuses an empty request).
@@ -244,9 +296,10 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
         (root / "sweep.yaml").write_text(file.read_text())
     uri = sweep.tracking.uri
     check_tracking(uri)
-    connect(address)
+    started_here = connect(address)
     concurrency = max_concurrent(sweep, ray.cluster_resources())
-    check_nodes(root, uri)
+    if not started_here:  # a cluster started here is this machine, which the checks above have seen
+        check_nodes(root, uri)
     parent = mlflow_sweep.start_parent(uri, sweep, file, points, resume=resume)
     r = sweep.resources
     ctx = Context(sweep=sweep.model_dump(mode="json"), root=str(root), tracking_uri=uri,

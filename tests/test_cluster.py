@@ -206,7 +206,7 @@ def test_the_cluster_refuses_a_wrong_token(cluster: RayCluster, monkeypatch: pyt
 @pytest.mark.slow
 def test_every_node_sees_the_shared_storage_and_the_tracking_store(cluster: RayCluster, tmp_path: Path) -> None:
     storage = tmp_path / "runs"
-    result = driver(cluster, f"from orchestrator.cluster import check_nodes\n"
+    result = driver(cluster, f"from orchestrator.tune_driver import check_nodes\n"
                              f"check_nodes({str(storage)!r}, 'sqlite:///{tmp_path}/mlflow.db')")
     assert result == {"ok": True}
     assert storage.is_dir() and list(storage.iterdir()) == []  # created, and the marker removed
@@ -215,7 +215,7 @@ def test_every_node_sees_the_shared_storage_and_the_tracking_store(cluster: RayC
 @pytest.mark.slow
 def test_a_tracking_store_unreachable_from_the_nodes_is_named(cluster: RayCluster, tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{free_port()}"
-    result = driver(cluster, f"from orchestrator.cluster import check_nodes\n"
+    result = driver(cluster, f"from orchestrator.tune_driver import check_nodes\n"
                              f"check_nodes({str(tmp_path / 'runs')!r}, {uri!r})")
     assert result["field"] == "tracking.uri"
     assert result["message"].count("does not answer") == 2  # from node_a and from node_b
@@ -226,7 +226,7 @@ def test_a_storage_folder_missing_on_a_worker_is_named(cluster: RayCluster, hidd
     if hidden is None:
         pytest.skip("no mount namespaces here: node_b cannot be given a disk of its own")
     start = time.monotonic()
-    result = driver(cluster, f"from orchestrator.cluster import check_nodes\n"
+    result = driver(cluster, f"from orchestrator.tune_driver import check_nodes\n"
                              f"check_nodes({str(hidden / 'runs')!r}, 'sqlite:///{hidden}/mlflow.db')")
     assert time.monotonic() - start < FAST_S
     assert result["field"] == "storage"

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from scipy import stats
 
+from orchestrator.mlflow_sweep import MlflowTrials, build_report
 from orchestrator.report import (
-    build_report,
     collect,
     configuration_rows,
     mean_interval,
@@ -143,7 +143,7 @@ def test_paired_bootstrap_finds_a_small_gap_on_the_same_questions() -> None:
 
 
 def test_configurations_group_seeds_with_their_intervals(store: dict) -> None:
-    summary = collect(store["uri"], store["parent"], resamples=2000)
+    summary = collect(MlflowTrials(store["uri"], store["parent"]), resamples=2000)
     by_label = {c.label: c for c in summary.configurations}
     assert set(by_label) == {"lora-r8-qv", "lora-r32-qv", "series-b16-attn", "series-b64-attn", "prefix-v8",
                              "lora-r4-qv"}
@@ -165,7 +165,7 @@ def test_configurations_group_seeds_with_their_intervals(store: dict) -> None:
 
 
 def test_bootstrap_of_best_vs_runner_up_uses_the_shared_questions(store: dict) -> None:
-    summary = collect(store["uri"], store["parent"], resamples=2000)
+    summary = collect(MlflowTrials(store["uri"], store["parent"]), resamples=2000)
     best, runner_up = summary.ranked[:2]
     assert best.label == "lora-r8-qv"
     a, b = store["answers"][best.label], store["answers"][runner_up.label]
@@ -189,8 +189,8 @@ def test_report_files(store: dict, tmp_path: Path) -> None:
         assert f"({png}.png)" in path.read_text()
     with (out / "configurations.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["configuration"] for r in rows][:5] == [c.label for c in collect(store["uri"], store["parent"],
-                                                                                  resamples=100).ranked]
+    ranked = collect(MlflowTrials(store["uri"], store["parent"]), resamples=100).ranked
+    assert [r["configuration"] for r in rows][:5] == [c.label for c in ranked]
     top = rows[0]
     assert float(top["accuracy/macro mean"]) > float(rows[1]["accuracy/macro mean"])
     assert float(top["accuracy/macro ci95 low"]) < float(top["accuracy/macro mean"]) < float(
@@ -201,7 +201,7 @@ def test_report_files(store: dict, tmp_path: Path) -> None:
 
 
 def test_rows_without_a_second_configuration_say_so(store: dict) -> None:
-    summary = collect(store["uri"], store["parent"], metric="accuracy/boolq", resamples=200)
+    summary = collect(MlflowTrials(store["uri"], store["parent"]), metric="accuracy/boolq", resamples=200)
     assert summary.bootstrap is not None and summary.bootstrap.questions == TASKS["boolq"]
     rows = configuration_rows(summary)
     assert rows[-1]["configuration"] == "lora-r4-qv" and rows[-1]["finished"] == 0
