@@ -249,8 +249,8 @@ def trial(
     """Fine-tune and evaluate one trial in this process (under torchrun: data-parallel); resumable."""
     import os
 
-    from workers.job import run_trial, trial_id
-    from workers.spec import load_trial_spec
+    from workers.job import run_trial
+    from workers.spec import load_trial_spec, trial_id
     from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus, check_tracking_uri
 
     spec = load_trial_spec(spec_file)

@@ -29,7 +29,7 @@ from orchestrator import mlflow_sweep
 from orchestrator.cluster import check_address, check_tracking, is_uri, probe_node, single_machine_uri
 from orchestrator.sweep import Point, SweepSpec, optuna_space, point_from_optuna
 from workers.errors import ConfigError
-from workers.job import run_trial, trial_id
+from workers.spec import trial_id
 from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus
 
 
@@ -73,6 +73,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker of a multi-worker trial."""
     import ray.train
 
+    from workers.job import run_trial  # the worker imports torch; the driver never does
+
     context = ray.train.get_context()
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
     ctx: Context = config["ctx"]
@@ -94,6 +96,8 @@ def trial_function(config: dict[str, Any], ctx: Context) -> None:
         tune.report(_final_metrics(summary))
         return
     if ctx.workers == 1:
+        from workers.job import run_trial  # the trial's actor imports torch; the driver never does
+
         result = run_trial(point.spec, _tracker(ctx, point, tid), folder,
                            report=lambda metrics, checkpoint: tune.report(metrics))
         _raise_unless_done(result.status, result.error, point.name)

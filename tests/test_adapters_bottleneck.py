@@ -19,8 +19,8 @@ from workers.adapters.bottleneck import (
     ParallelExit,
     ParallelLinear,
     TapEntry,
-    placement_tag,
 )
+from workers.adapters.config import placement_tag
 from workers.adapters.mosa import (
     SparseBottleneck,
     consistency_loss,

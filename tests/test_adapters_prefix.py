@@ -8,7 +8,7 @@ from tiny_models import FAMILIES, TINY_CONFIGS, tiny_model
 from torch import nn
 
 from workers.adapters.base import adapter_parameters
-from workers.adapters.prefix import PrefixConfig
+from workers.adapters.config import PrefixConfig
 from workers.adapters.registry import count_parameters, inject
 from workers.model_loading import build_model
 from workers.spec import parse_trial_spec

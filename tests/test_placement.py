@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from tiny_models import TINY_CONFIGS, tiny_model
 
+from workers.adapters.base import linear_dims
 from workers.errors import ConfigError
 from workers.placement import (
     FAMILIES,
     family_for,
-    linear_dims,
     linear_targets,
     resolve_linear_roles,
     sublayer_targets,

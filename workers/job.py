@@ -7,7 +7,6 @@ Given a `checkpoint_dir` that holds a checkpoint of the same spec, the trial res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import traceback
 from collections.abc import Callable
@@ -19,15 +18,13 @@ import torch
 import yaml
 
 from workers.errors import ConfigError
-from workers.spec import TrialSpec
+from workers.spec import RESUMABLE_CHANGES, TrialSpec, trial_id
 from workers.tracking import Tracker, TrialStatus, redact
 
 # report(metrics, checkpoint): at every log point and at the end; `checkpoint` is the newest checkpoint
 # on disk then (it may predate the metrics' step), or None.
 Report = Callable[[dict[str, float], Path | None], None]
 
-# Fields that may change between an interrupted run and its resume: they do not touch training.
-RESUMABLE_CHANGES = {"name", "eval"}
 
 
 @dataclass
@@ -36,14 +33,6 @@ class TrialResult:
     metrics: dict[str, float]
     adapter_dir: Path | None = None
     error: str | None = None
-
-
-def trial_id(spec: TrialSpec) -> str:
-    """A stable identity: a hash of everything that shapes training, after the spec's name if it has one."""
-    body = json.dumps(spec.model_dump(mode="json", exclude=RESUMABLE_CHANGES), sort_keys=True)
-    digest = hashlib.sha256(body.encode()).hexdigest()
-    # Two different specs under one name must not share a run or a checkpoint folder.
-    return f"{spec.name}-{digest[:8]}" if spec.name else digest[:16]
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

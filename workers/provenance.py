@@ -6,8 +6,6 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
-
 import workers
 
 PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "ray", "mlflow")
@@ -32,6 +30,8 @@ def provenance() -> dict[str, str]:
             info[name] = version(name)
         except PackageNotFoundError:
             info[name] = "absent"
+    import torch  # here, not at the top: the sweep driver takes `git_sha` from this module, without torch
+
     count = torch.cuda.device_count()
     info["gpu_count"] = str(count)
     info["gpu_name"] = torch.cuda.get_device_name(0) if count else "none"

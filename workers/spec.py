@@ -6,13 +6,15 @@ A trial spec is what one fine-tune-and-evaluate job needs. Every section has the
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from workers.adapters.registry import METHODS, AdapterSpec
+from workers.adapters.config import CONFIGS, AdapterSpec
 from workers.errors import ConfigError
 
 
@@ -94,7 +96,7 @@ class TrialSpec(_Section):
 def _field_path(loc: tuple[Any, ...]) -> str:
     # pydantic puts the discriminator value into the location (`adapter.lora.rank`): drop it.
     parts = [str(p) for p in loc]
-    if len(parts) >= 2 and parts[0] == "adapter" and parts[1] in METHODS:
+    if len(parts) >= 2 and parts[0] == "adapter" and parts[1] in CONFIGS:
         parts.pop(1)
     return ".".join(parts)
 
@@ -139,3 +141,15 @@ def parse_trial_spec(data: dict[str, Any], file: str | None = None) -> TrialSpec
 def load_trial_spec(path: str | Path) -> TrialSpec:
     """Read and validate a trial spec file; relative model/data paths resolve against the cwd."""
     return parse_trial_spec(read_yaml(path), str(path))
+
+
+# Fields that may change between an interrupted run and its resume: they do not touch training.
+RESUMABLE_CHANGES = {"name", "eval"}
+
+
+def trial_id(spec: TrialSpec) -> str:
+    """A stable identity: a hash of everything that shapes training, after the spec's name if it has one."""
+    body = json.dumps(spec.model_dump(mode="json", exclude=RESUMABLE_CHANGES), sort_keys=True)
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    # Two different specs under one name must not share a run or a checkpoint folder.
+    return f"{spec.name}-{digest[:8]}" if spec.name else digest[:16]

@@ -23,7 +23,6 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import mlflow
-import torch
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
@@ -241,7 +240,11 @@ class MlflowTracker:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
         self.run_id: str = run.info.run_id
         self._monitor = None
-        if system_metrics if system_metrics is not None else torch.cuda.is_available():
+        if system_metrics is None:
+            import torch  # here, not at the top: the sweep driver reads this module and never needs torch
+
+            system_metrics = torch.cuda.is_available()
+        if system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=self.resumed, tracking_uri=uri)

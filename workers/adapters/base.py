@@ -6,23 +6,12 @@ from collections.abc import Iterator
 from typing import ClassVar, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
+from workers.adapters.config import AdapterConfig
 from workers.placement import FamilyLayout
-
-
-class AdapterConfig(BaseModel):
-    """Base of every method's config. Unknown fields are errors: a typo never passes silently."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: str
-
-    def short_name(self) -> str:
-        """A compact, human-readable tag of this config (run names: `lora-r32-qkvud`)."""
-        return self.type
 
 
 class AdapterLayer(nn.Module):
@@ -44,6 +33,15 @@ class AdapterMethod(Protocol):
     def inject(self, model: PreTrainedModel, layout: FamilyLayout, config: AdapterConfig) -> list[nn.Module]:
         """Insert the method's layers into `model` in place; return the layers inserted."""
         ...
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an `nn.Linear` or a GPT-2 style `Conv1D`."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.nf
+    raise TypeError(f"expected a linear layer, got {type(module).__name__}")
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:

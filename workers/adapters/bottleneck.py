@@ -18,75 +18,21 @@ y = W f(z) and y = f(h).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from workers.adapters.base import AdapterConfig, AdapterLayer, replace_module
+from workers.adapters.base import AdapterLayer, linear_dims, replace_module
+from workers.adapters.config import BottleneckOptions
 from workers.errors import ConfigError
-from workers.placement import FamilyLayout, LinearTarget, Slot, linear_dims, linear_targets, sublayer_targets
-from workers.placement.slots import SLOTS, SUBLAYERS
+from workers.placement import FamilyLayout, LinearTarget, linear_targets, sublayer_targets
+from workers.placement.slots import SUBLAYERS
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
-ABBREV = {"q": "q", "k": "k", "v": "v", "o": "o", "gate": "g", "up": "u", "down": "d"}
 # Roles whose input is the sublayer's input: a series adapter there acts before the linear.
 INPUT_SIDE = ("q", "k", "v", "qkv", "gate", "up")
-
-
-def placement_tag(placement: Sequence[str]) -> str:
-    """`[q, k, v, up, down]` -> `qkvud`; sublayers keep their names: `[attn, mlp, down]` -> `attn-mlp-d`.
-
-    Slots come in vocabulary order, so the same placement always has the same tag.
-    """
-    ordered = [s for s in SLOTS if s in placement]
-    subs = [s for s in ordered if s in SUBLAYERS]
-    roles = "".join(ABBREV[s] for s in ordered if s not in SUBLAYERS)
-    return "-".join([*subs, *([roles] if roles else [])])
-
-
-class BottleneckOptions(AdapterConfig):
-    """Options every bottleneck method takes."""
-
-    placement: list[Slot] = Field(min_length=1)
-    bottleneck: int = Field(gt=0, description="the bottleneck size b")
-    activation: Literal["tanh", "relu", "gelu", "silu"] = "tanh"
-    scaling: float | Literal["learned"] = Field(1.0, description="s; `learned`: one scalar parameter, from 1.0")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    init: Literal["paper", "zero"] = Field("paper", description="paper: N(0, 0.02) both; zero: W_up = 0 (identity)")
-    bias: bool = False
-
-    @field_validator("scaling", mode="before")
-    @classmethod
-    def _number_or_learned(cls, value: object) -> object:
-        # Else pydantic reports the union's first member alone: "adapter.scaling.float: not a number".
-        if value != "learned" and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ValueError("expected a number or 'learned'")
-        return value
-
-    @model_validator(mode="after")
-    def _unique_placement(self) -> BottleneckOptions:
-        if len(set(self.placement)) != len(self.placement):
-            raise ValueError(f"placement {self.placement} names a slot twice")
-        return self
-
-    def option_tags(self) -> list[str]:
-        """The options that differ from their defaults, compactly (`relu`, `slearned`, `zinit`, ...)."""
-        tags = [] if self.activation == "tanh" else [self.activation]
-        if self.scaling != 1.0:
-            tags.append(f"s{self.scaling:g}" if isinstance(self.scaling, float) else f"s{self.scaling}")
-        if self.dropout:
-            tags.append(f"do{self.dropout:g}")
-        if self.init != "paper":
-            tags.append(f"{self.init[0]}init")
-        if self.bias:
-            tags.append("bias")
-        return tags
-
-    def short_name(self) -> str:
-        return "-".join([self.type, f"b{self.bottleneck}", placement_tag(self.placement), *self.option_tags()])
 
 
 class Bottleneck(AdapterLayer):

@@ -20,9 +20,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import workers
-from workers.adapters.base import AdapterConfig, adapter_state_dict
-from workers.adapters.lora import LoraConfig, LoraLinear
-from workers.adapters.registry import AdapterSpec, inject
+from workers.adapters.base import adapter_state_dict
+from workers.adapters.config import AdapterConfig, AdapterSpec, LoraConfig
+from workers.adapters.lora import LoraLinear
+from workers.adapters.registry import inject
 from workers.errors import ConfigError
 from workers.placement import family_for
 

@@ -10,37 +10,15 @@ so a fresh adapter changes nothing. rsLoRA (Kalajdzievski 2023) scales by alpha 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from workers.adapters.base import AdapterConfig, AdapterLayer, replace_module
-from workers.adapters.bottleneck import placement_tag
+from workers.adapters.base import AdapterLayer, linear_dims, replace_module
+from workers.adapters.config import LoraConfig
 from workers.errors import ConfigError
-from workers.placement import FamilyLayout, Slot, expand_sublayers, linear_dims, linear_targets
-
-
-class LoraConfig(AdapterConfig):
-    type: Literal["lora"] = "lora"
-    placement: list[Slot] = Field(min_length=1)
-    rank: int = Field(gt=0, description="r")
-    alpha: float | None = Field(None, gt=0, description="alpha; default 2 r (the paper: r 32, alpha 64)")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    rslora: bool = False
-
-    @property
-    def lora_alpha(self) -> float:
-        return self.alpha if self.alpha is not None else 2.0 * self.rank
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-
-    def short_name(self) -> str:
-        return f"lora-r{self.rank}-{placement_tag(list(self.placement))}"
+from workers.placement import FamilyLayout, expand_sublayers, linear_targets
 
 
 class LoraLinear(AdapterLayer):

@@ -27,29 +27,15 @@ decay) still move them, as in any masked training with a stateful optimizer.
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from workers.adapters.base import replace_module
-from workers.adapters.bottleneck import Bottleneck, BottleneckOptions, inject_parallel, inject_series, placement_tag
+from workers.adapters.bottleneck import Bottleneck, inject_parallel, inject_series
+from workers.adapters.config import MosaConfig
 from workers.placement import FamilyLayout
-
-
-class MosaConfig(BottleneckOptions):
-    type: Literal["mosa"] = "mosa"
-    base: Literal["series", "parallel"] = "series"
-    parts: int = Field(4, ge=2, le=255, description="N, the number of sparse parts")
-    consistency_weight: float = Field(0.0, ge=0.0, description="weight of the symmetric-KL consistency term")
-    mask_seed: int = 0
-
-    def short_name(self) -> str:
-        tags = [*self.option_tags(), *([f"cw{self.consistency_weight:g}"] if self.consistency_weight else [])]
-        head = [self.type, self.base, f"b{self.bottleneck}", f"n{self.parts}", placement_tag(self.placement)]
-        return "-".join([*head, *tags])
 
 
 class SparseBottleneck(Bottleneck):

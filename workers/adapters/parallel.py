@@ -10,16 +10,12 @@ y = W z + b + f(z), with f: in_features -> bottleneck -> out_features.
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
 
 from torch import nn
 
-from workers.adapters.bottleneck import Bottleneck, BottleneckOptions, inject_parallel
+from workers.adapters.bottleneck import Bottleneck, inject_parallel
+from workers.adapters.config import ParallelConfig
 from workers.placement import FamilyLayout
-
-
-class ParallelConfig(BottleneckOptions):
-    type: Literal["parallel"] = "parallel"
 
 
 class _Parallel:

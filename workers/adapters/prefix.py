@@ -27,26 +27,16 @@ Linear h -> L·2·kv_dim), as Li & Liang and PEFT's prefix projection do; the ML
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
-from workers.adapters.base import AdapterConfig, AdapterLayer
+from workers.adapters.base import AdapterLayer
+from workers.adapters.config import PrefixConfig
 from workers.placement import FamilyLayout
-
-
-class PrefixConfig(AdapterConfig):
-    type: Literal["prefix"] = "prefix"
-    virtual_tokens: int = Field(gt=0, description="n, the number of virtual tokens")
-    reparametrize: bool = False
-    prefix_hidden: int = Field(512, gt=0, description="width of the reparametrisation MLP")
-
-    def short_name(self) -> str:
-        return f"prefix-v{self.virtual_tokens}" + ("-mlp" if self.reparametrize else "")
 
 
 def kv_shape(config: PretrainedConfig) -> tuple[int, int, int]:

@@ -1,11 +1,9 @@
-"""The registry of adapter methods: adding a method is one module and one line here."""
+"""The registry of adapter methods: adding a method is its config in `config.py`, its module, and one line here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
 
-from pydantic import Field
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -16,12 +14,6 @@ from workers.placement import family_for
 METHODS: dict[str, AdapterMethod] = {
     m.METHOD.name: m.METHOD for m in (series, parallel, prefix, lora, mosa)
 }
-
-AdapterSpec = Annotated[
-    series.SeriesConfig | parallel.ParallelConfig | prefix.PrefixConfig | lora.LoraConfig | mosa.MosaConfig,
-    Field(discriminator="type"),
-]
-
 
 @dataclass(frozen=True)
 class ParamCounts:

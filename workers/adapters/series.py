@@ -11,37 +11,12 @@ down on its output, y = h + f(h). `residual: false` drops the adapter's own skip
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Literal
 
-from pydantic import model_validator
 from torch import nn
 
-from workers.adapters.bottleneck import Bottleneck, BottleneckOptions, inject_series
+from workers.adapters.bottleneck import Bottleneck, inject_series
+from workers.adapters.config import SeriesConfig
 from workers.placement import FamilyLayout
-
-PRESETS: dict[str, list[str]] = {"houlsby": ["attn", "mlp"], "pfeiffer": ["mlp"]}
-
-
-class SeriesConfig(BottleneckOptions):
-    type: Literal["series"] = "series"
-    residual: bool = True
-
-    @model_validator(mode="before")
-    @classmethod
-    def _preset(cls, data: Any) -> Any:
-        """`preset: houlsby` stands for its placement, which is what the config keeps."""
-        if isinstance(data, dict) and "preset" in data:
-            data = dict(data)
-            preset = data.pop("preset")
-            if "placement" in data:
-                raise ValueError("give either preset or placement, not both")
-            if preset not in PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
-            data["placement"] = PRESETS[preset]
-        return data
-
-    def option_tags(self) -> list[str]:
-        return [*super().option_tags(), *([] if self.residual else ["nores"])]
 
 
 class _Series:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-from torch import nn
-from transformers import PretrainedConfig
-from transformers.pytorch_utils import Conv1D
+from typing import TYPE_CHECKING
 
 from workers.errors import ConfigError
 from workers.placement.slots import LINEAR_ROLES, QKV, SLOTS, SUBLAYER_BOUNDS, SUBLAYER_ROLES
+
+if TYPE_CHECKING:  # the tables are plain data: torch only names the types of what they are applied to
+    from torch import nn
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -228,12 +229,3 @@ def sublayer_targets(
                 )
             )
     return out
-
-
-def linear_dims(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an `nn.Linear` or a GPT-2 style `Conv1D`."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if isinstance(module, Conv1D):
-        return module.weight.shape[0], module.nf
-    raise TypeError(f"expected a linear layer, got {type(module).__name__}")

@@ -1,0 +1,177 @@
+"""What a user writes under `adapter:`: each method's typed config, validated without torch.
+
+The configs live apart from the layers (as PEFT keeps `config.py` apart from `layer.py`) so that a
+sweep or trial file is checked, named and counted into trials without importing torch: `adaptune
+run`, `status` and `report` start in a second instead of five. Each method's module
+(`series.py`, `parallel.py`, `prefix.py`, `lora.py`, `mosa.py`) holds its math and its injection and
+refers to its config here; `registry.py` joins the two.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from workers.placement.slots import SLOTS, SUBLAYERS, Slot
+
+ABBREV = {"q": "q", "k": "k", "v": "v", "o": "o", "gate": "g", "up": "u", "down": "d"}
+
+
+def placement_tag(placement: Sequence[str]) -> str:
+    """`[q, k, v, up, down]` -> `qkvud`; sublayers keep their names: `[attn, mlp, down]` -> `attn-mlp-d`.
+
+    Slots come in vocabulary order, so the same placement always has the same tag.
+    """
+    ordered = [s for s in SLOTS if s in placement]
+    subs = [s for s in ordered if s in SUBLAYERS]
+    roles = "".join(ABBREV[s] for s in ordered if s not in SUBLAYERS)
+    return "-".join([*subs, *([roles] if roles else [])])
+
+
+class AdapterConfig(BaseModel):
+    """Base of every method's config. Unknown fields are errors: a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+
+    def short_name(self) -> str:
+        """A compact, human-readable tag of this config (run names: `lora-r32-qkvud`)."""
+        return self.type
+
+
+class BottleneckOptions(AdapterConfig):
+    """Options every bottleneck method takes."""
+
+    placement: list[Slot] = Field(min_length=1)
+    bottleneck: int = Field(gt=0, description="the bottleneck size b")
+    activation: Literal["tanh", "relu", "gelu", "silu"] = "tanh"
+    scaling: float | Literal["learned"] = Field(1.0, description="s; `learned`: one scalar parameter, from 1.0")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init: Literal["paper", "zero"] = Field("paper", description="paper: N(0, 0.02) both; zero: W_up = 0 (identity)")
+    bias: bool = False
+
+    @field_validator("scaling", mode="before")
+    @classmethod
+    def _number_or_learned(cls, value: object) -> object:
+        # Else pydantic reports the union's first member alone: "adapter.scaling.float: not a number".
+        if value != "learned" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError("expected a number or 'learned'")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_placement(self) -> BottleneckOptions:
+        if len(set(self.placement)) != len(self.placement):
+            raise ValueError(f"placement {self.placement} names a slot twice")
+        return self
+
+    def option_tags(self) -> list[str]:
+        """The options that differ from their defaults, compactly (`relu`, `slearned`, `zinit`, ...)."""
+        tags = [] if self.activation == "tanh" else [self.activation]
+        if self.scaling != 1.0:
+            tags.append(f"s{self.scaling:g}" if isinstance(self.scaling, float) else f"s{self.scaling}")
+        if self.dropout:
+            tags.append(f"do{self.dropout:g}")
+        if self.init != "paper":
+            tags.append(f"{self.init[0]}init")
+        if self.bias:
+            tags.append("bias")
+        return tags
+
+    def short_name(self) -> str:
+        return "-".join([self.type, f"b{self.bottleneck}", placement_tag(self.placement), *self.option_tags()])
+
+
+# --- series ----------------------------------------------------------------------------------------
+
+PRESETS: dict[str, list[str]] = {"houlsby": ["attn", "mlp"], "pfeiffer": ["mlp"]}
+
+
+class SeriesConfig(BottleneckOptions):
+    type: Literal["series"] = "series"
+    residual: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        """`preset: houlsby` stands for its placement, which is what the config keeps."""
+        if isinstance(data, dict) and "preset" in data:
+            data = dict(data)
+            preset = data.pop("preset")
+            if "placement" in data:
+                raise ValueError("give either preset or placement, not both")
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
+            data["placement"] = PRESETS[preset]
+        return data
+
+    def option_tags(self) -> list[str]:
+        return [*super().option_tags(), *([] if self.residual else ["nores"])]
+
+
+# --- parallel --------------------------------------------------------------------------------------
+
+class ParallelConfig(BottleneckOptions):
+    type: Literal["parallel"] = "parallel"
+
+
+# --- prefix ----------------------------------------------------------------------------------------
+
+class PrefixConfig(AdapterConfig):
+    type: Literal["prefix"] = "prefix"
+    virtual_tokens: int = Field(gt=0, description="n, the number of virtual tokens")
+    reparametrize: bool = False
+    prefix_hidden: int = Field(512, gt=0, description="width of the reparametrisation MLP")
+
+    def short_name(self) -> str:
+        return f"prefix-v{self.virtual_tokens}" + ("-mlp" if self.reparametrize else "")
+
+
+# --- lora ------------------------------------------------------------------------------------------
+
+class LoraConfig(AdapterConfig):
+    type: Literal["lora"] = "lora"
+    placement: list[Slot] = Field(min_length=1)
+    rank: int = Field(gt=0, description="r")
+    alpha: float | None = Field(None, gt=0, description="alpha; default 2 r (the paper: r 32, alpha 64)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    rslora: bool = False
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def short_name(self) -> str:
+        return f"lora-r{self.rank}-{placement_tag(list(self.placement))}"
+
+
+# --- mosa ------------------------------------------------------------------------------------------
+
+class MosaConfig(BottleneckOptions):
+    type: Literal["mosa"] = "mosa"
+    base: Literal["series", "parallel"] = "series"
+    parts: int = Field(4, ge=2, le=255, description="N, the number of sparse parts")
+    consistency_weight: float = Field(0.0, ge=0.0, description="weight of the symmetric-KL consistency term")
+    mask_seed: int = 0
+
+    def short_name(self) -> str:
+        tags = [*self.option_tags(), *([f"cw{self.consistency_weight:g}"] if self.consistency_weight else [])]
+        head = [self.type, self.base, f"b{self.bottleneck}", f"n{self.parts}", placement_tag(self.placement)]
+        return "-".join([*head, *tags])
+
+
+AdapterSpec = Annotated[
+    SeriesConfig | ParallelConfig | PrefixConfig | LoraConfig | MosaConfig,
+    Field(discriminator="type"),
+]
+# Method name -> its config class, from the union above.
+CONFIGS: dict[str, type[AdapterConfig]] = {
+    cls.model_fields["type"].default: cls for cls in get_args(get_args(AdapterSpec)[0])
+}
