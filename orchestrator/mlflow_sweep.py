@@ -60,6 +60,11 @@ def find_parent(client: MlflowClient, experiment: str, name: str) -> Run | None:
     return runs[0] if runs else None
 
 
+def prepare_store(uri: str, experiment: str) -> str:
+    """Create the store's tables (a new SQLite store takes 1-2 s of migrations) and the experiment; its id."""
+    return experiment_id(MlflowClient(uri), experiment, uri)
+
+
 def start_parent(uri: str, sweep: SweepSpec, file: Path, points: Sequence[Point], *, resume: bool) -> str:
     """The parent run of `sweep`: the existing one when resuming, else a new one with the sweep's inputs."""
     client = MlflowClient(uri)

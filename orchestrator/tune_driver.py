@@ -15,6 +15,7 @@ import math
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,16 +184,20 @@ class ProgressTable(tune.Callback):
             self.live.stop()
 
 
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: `--address`, else RAY_ADDRESS; None to start a local one."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    return None if address == "local" else address
+
+
 def connect(address: str | None) -> bool:
-    """Join the cluster at `address` or RAY_ADDRESS (checked to answer first), or start a local one.
+    """Join the cluster at `address` (already checked to answer), or start a local one when None.
 
     Returns True when the cluster was started here (then it is this machine, and its only node).
     """
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        check_address(address)
+    if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         return False
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -300,7 +305,13 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
         (root / "sweep.yaml").write_text(file.read_text())
     uri = sweep.tracking.uri
     check_tracking(uri)
-    started_here = connect(address)
+    address = cluster_address(address)
+    if address and not ray.is_initialized():
+        check_address(address)
+    with ThreadPoolExecutor(1) as pool:
+        store = pool.submit(mlflow_sweep.prepare_store, uri, sweep.experiment)  # while Ray starts
+        started_here = connect(address)
+        store.result()
     concurrency = max_concurrent(sweep, ray.cluster_resources())
     if not started_here:  # a cluster started here is this machine, which the checks above have seen
         check_nodes(root, uri)
