@@ -167,9 +167,11 @@ def test_packing_fills_rows_and_cuts_padding() -> None:
     assert share(packed) < share(plain)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "gpt_neox"])
-def test_packed_examples_never_attend_across(family: str) -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["llama", "opt", "gptj", "gpt2", "gpt_neox"])
+def test_packed_examples_never_attend_across(family: str, attention: str) -> None:
     model = tiny_model(family)
+    model.set_attn_implementation(attention)
     g = torch.Generator().manual_seed(0)
     examples = [
         {"input_ids": ids, "labels": ids, "attention_mask": [1] * len(ids)}

@@ -19,6 +19,7 @@ from clirunner import run_cli
 from safetensors.torch import load_file
 from tiny_models import TINY_CONFIGS
 
+from workers.errors import ConfigError
 from workers.job import run_trial
 from workers.spec import parse_trial_spec
 from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus, flatten_params
@@ -37,7 +38,7 @@ WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle"
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("job")
-    for family in ("llama", "bloom"):
+    for family in ("llama", "bloom", "gptj"):
         config = copy.deepcopy(TINY_CONFIGS[family])
         # Wider random weights give the output layer logits an adapter can move: with the default
         # 0.02 the frozen head caps them near uniform and every loss curve looks flat.
@@ -77,6 +78,36 @@ def test_training_lowers_the_loss(method: str, family: str, workdir: Path, tmp_p
     assert "val_loss" in tracker.metrics
     assert (result.adapter_dir / "adapter.safetensors").is_file()
     assert tracker.status == TrialStatus.SUCCEEDED
+
+
+@pytest.mark.parametrize("family", ["llama", "gptj"])
+def test_packed_training_learns_with_less_padding(family: str, workdir: Path, tmp_path: Path) -> None:
+    # Answers of 1 to 32 words: examples of 150-350 tokens, so rows of one example carry padding.
+    records = [{"instruction": f"Say {w} {k} times.", "input": "", "output": " ".join([w] * k)}
+               for k in (1, 2, 4, 8, 16, 32) for w in WORDS]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    runs = {}
+    for packing in (False, True):
+        spec = spec_for(workdir, family, epochs=2)
+        spec["data"].update(train=str(tmp_path / "train.json"), packing=packing, cutoff_len=512)
+        tracker = MemoryTracker()
+        result = run_trial(parse_trial_spec(spec), tracker, tmp_path / f"packing-{packing}")
+        assert result.status == TrialStatus.SUCCEEDED, result.error
+        runs[packing] = tracker.metrics
+    packed, plain = runs[True], runs[False]
+    mean = lambda values: sum(v for _, v in values) / len(values)  # noqa: E731
+    # Measured: 0.12 packed (rows of 2-3 examples fill 400-510 of 512 positions) vs 0.25 unpacked.
+    assert mean(packed["padding_share"]) < 0.6 * mean(plain["padding_share"])
+    losses = [v for _, v in packed["train_loss"]]
+    assert len(losses) < len(plain["train_loss"])  # the same examples in fewer, fuller rows: fewer steps
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_packing_on_a_family_that_cannot_take_it_is_refused(workdir: Path, tmp_path: Path) -> None:
+    spec = spec_for(workdir, "bloom")
+    spec["data"]["packing"] = True
+    with pytest.raises(ConfigError, match=r"data\.packing.*bloom"):
+        run_trial(parse_trial_spec(spec), MemoryTracker(), tmp_path / "ckpt")
 
 
 def _curve(workdir: Path, tmp_path: Path, stage: int) -> list[float]:

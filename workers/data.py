@@ -352,32 +352,33 @@ def micro_batches(
     Without packing every row holds one example. The same (seed, epoch) always gives the same
     order, so a resumed run and every data-parallel rank see the same sequence.
     `group_by_length` shuffles, then sorts within mega-batches of 50 micro-batches by length, as
-    transformers' LengthGroupedSampler does; `packing` fills rows of up to `cutoff_len` tokens with
-    whole examples, first fit in shuffled order.
+    transformers' LengthGroupedSampler does. `packing` fills rows of up to `cutoff_len` tokens with
+    whole examples: the shuffled examples of each such mega-batch go, longest first, into the first
+    row with room (first-fit decreasing), which leaves rows nearly full and of nearly equal length,
+    so the micro-batches that stack them carry little padding.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
+    mega = micro_batch_size * 50
+    windows = [sorted(order[start:start + mega], key=lambda j: -lengths[j]) for start in range(0, len(order), mega)]
     if packing:
         rows: list[Row] = []
-        current: list[int] = []
-        used = 0
-        for i in order:
-            if current and used + lengths[i] > cutoff_len:
-                rows.append(tuple(current))
-                current, used = [], 0
-            current.append(i)
-            used += lengths[i]
-        if current:
-            rows.append(tuple(current))
+        for window in windows:
+            bins: list[list[int]] = []
+            room: list[int] = []
+            for i in window:
+                fit = next((b for b, free in enumerate(room) if lengths[i] <= free), None)
+                if fit is None:
+                    bins.append([])
+                    room.append(cutoff_len)
+                    fit = len(bins) - 1
+                bins[fit].append(i)
+                room[fit] -= lengths[i]
+            rows.extend(tuple(b) for b in bins)
+    elif group_by_length:
+        rows = [(i,) for window in windows for i in window]
     else:
-        if group_by_length:
-            mega = micro_batch_size * 50
-            order = [
-                i
-                for start in range(0, len(order), mega)
-                for i in sorted(order[start:start + mega], key=lambda j: -lengths[j])
-            ]
         rows = [(i,) for i in order]
     return [rows[start:start + micro_batch_size] for start in range(0, len(rows), micro_batch_size)]
 
@@ -386,7 +387,10 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int) -> dict
     """Right-padded tensors of a micro-batch; a row of several examples is packed.
 
     Packed rows get position ids that restart at every example and a 4-D block-diagonal causal
-    mask, so no token attends across examples. Labels are -100 on padding.
+    mask, so no token attends across examples. The mask is additive (0 where a token attends, the
+    dtype's minimum elsewhere), the form every attention path takes: SDPA, and eager code that adds
+    the mask to its scores (GPT-J, any model under `attn_implementation="eager"`). It is float32:
+    cast it to the model's dtype (`to_device`). Labels are -100 on padding.
     """
     width = max(sum(len(ex["input_ids"]) for ex in row) for row in rows)
     packed = any(len(row) > 1 for row in rows)
@@ -412,9 +416,15 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int) -> dict
         valid = (segment >= 0)[:, :, None] & (segment >= 0)[:, None, :]
         # Padding rows attend to themselves only, which keeps the softmax finite.
         blocks = (same & causal & valid) | torch.eye(width, dtype=torch.bool)
-        batch["attention_mask"] = blocks[:, None]
+        additive = torch.zeros(blocks.shape).masked_fill(~blocks, torch.finfo(torch.float32).min)
+        batch["attention_mask"] = additive[:, None]
         batch["position_ids"] = position_ids
     return batch
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A collated batch on `device`, its additive mask (the only floating tensor) in the model's `dtype`."""
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
 
 def padding_share(micro_batch: MicroBatch, lengths: Sequence[int]) -> float:

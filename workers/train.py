@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from workers.data import TrainData, collate, micro_batches
+from workers.data import TrainData, collate, micro_batches, to_device
 from workers.errors import ConfigError
 from workers.placement import family_for
 
@@ -142,7 +142,7 @@ class Trainer:
         on_gpu = torch.cuda.is_available()
         self.rank, self.world = init_distributed("nccl" if on_gpu else "gloo")
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
-        dtype = resolve_precision(spec.train.precision, on_gpu)
+        self.dtype = dtype = resolve_precision(spec.train.precision, on_gpu)
         self.accumulation = accumulation_steps(spec.train.batch_size, spec.train.micro_batch_size, self.world)
         self.lengths = list(data.train["length"])
         self.input_ids, self.labels = data.train["input_ids"], data.train["labels"]
@@ -182,7 +182,7 @@ class Trainer:
 
     def _batch(self, rows: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
         examples = [[{"input_ids": self.input_ids[i], "labels": self.labels[i]} for i in row] for row in rows]
-        return {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
+        return to_device(collate(examples, self.pad_id), self.device, self.dtype)
 
     def resume(self) -> bool:
         """Load the latest checkpoint of `checkpoint_dir`, if there is one."""
@@ -228,7 +228,7 @@ class Trainer:
         for start in range(0, len(rows), micro):
             chunk = rows[start:start + micro]
             examples = [[{"input_ids": ids[r[0]], "labels": labels[r[0]]}] for r in chunk]
-            batch = {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
+            batch = to_device(collate(examples, self.pad_id), self.device, self.dtype)
             total += float(self.engine(**batch).loss) * len(chunk)
             count += len(chunk)
         self.engine.train()
@@ -256,7 +256,7 @@ class Trainer:
     def train(self, report: Report | None = None, should_stop: Callable[[], bool] | None = None) -> TrainOutcome:
         t = self.spec.train
         started = time.perf_counter()
-        window_tokens, window_start = 0, time.perf_counter()
+        window_tokens, window_slots, window_start = 0, 0, time.perf_counter()
         step_loss, step_micro = 0.0, 0
         self.engine.train()
         cancelled = False
@@ -271,7 +271,9 @@ class Trainer:
                 self.position += 1
                 step_loss += loss.detach().item()
                 step_micro += 1
-                window_tokens += sum(self.lengths[i] for row in rows for i in row)
+                row_tokens = [sum(self.lengths[i] for i in row) for row in rows]
+                window_tokens += sum(row_tokens)
+                window_slots += len(rows) * max(row_tokens)  # positions of the collated micro-batch
                 if self.position % self.accumulation:
                     continue
                 self.global_step += 1
@@ -280,13 +282,13 @@ class Trainer:
                 self.losses.append((self.global_step, mean_loss))
                 metrics: dict[str, float] = {}
                 if self.global_step % t.log_every == 0 or self.global_step == self.total_steps:
-                    (tokens,) = self._sum_over_ranks(window_tokens)
+                    tokens, slots = self._sum_over_ranks(window_tokens, window_slots)
                     elapsed = time.perf_counter() - window_start
                     self.tokens += int(tokens)
                     metrics.update(train_loss=mean_loss, lr=self.scheduler.get_last_lr()[0],
-                                   tokens_per_s=tokens / max(elapsed, 1e-9),
+                                   tokens_per_s=tokens / max(elapsed, 1e-9), padding_share=1.0 - tokens / slots,
                                    peak_memory_gb=peak_memory_bytes(self.device) / 2**30)
-                    window_tokens, window_start = 0, time.perf_counter()
+                    window_tokens, window_slots, window_start = 0, 0, time.perf_counter()
                 if self.global_step % t.eval_every == 0:
                     val = self.validation_loss()
                     if val is not None:

@@ -32,8 +32,8 @@ class FamilyLayout:
     layers: str
     linears: Mapping[str, str]
     fused_qkv: str | None = None
-    # Packed rows need a 4-D block-diagonal mask; BLOOM (ALiBi from a 2-D mask) and GPT-J (adds the
-    # mask to its scores) do not take one.
+    # Packed rows need a 4-D block-diagonal mask; BLOOM, which derives ALiBi from a 2-D mask, does
+    # not take one.
     packs: bool = True
 
     def has(self, role: str) -> bool:
@@ -88,7 +88,6 @@ FAMILIES: tuple[FamilyLayout, ...] = (
             "q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.out_proj",
             "up": "mlp.fc_in", "down": "mlp.fc_out",
         },
-        packs=False,
     ),
     FamilyLayout(
         name="gpt2",
