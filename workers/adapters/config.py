@@ -91,6 +91,8 @@ PRESETS: dict[str, list[str]] = {"houlsby": ["attn", "mlp"], "pfeiffer": ["mlp"]
 
 
 class SeriesConfig(BottleneckOptions):
+    """Series adapter (Houlsby; Pfeiffer): h' = h + f(h) after a sublayer. Math and injection: series.py."""
+
     type: Literal["series"] = "series"
     residual: bool = True
 
@@ -115,12 +117,16 @@ class SeriesConfig(BottleneckOptions):
 # --- parallel --------------------------------------------------------------------------------------
 
 class ParallelConfig(BottleneckOptions):
+    """Parallel adapter (He et al.): y = g(x) + f(x) beside a sublayer. Math and injection: parallel.py."""
+
     type: Literal["parallel"] = "parallel"
 
 
 # --- prefix ----------------------------------------------------------------------------------------
 
 class PrefixConfig(AdapterConfig):
+    """Prefix tuning (Li & Liang): n virtual key/value tokens per layer. Math and injection: prefix.py."""
+
     type: Literal["prefix"] = "prefix"
     virtual_tokens: int = Field(gt=0, description="n, the number of virtual tokens")
     reparametrize: bool = False
@@ -133,6 +139,8 @@ class PrefixConfig(AdapterConfig):
 # --- lora ------------------------------------------------------------------------------------------
 
 class LoraConfig(AdapterConfig):
+    """LoRA (Hu et al.): y = W x + (alpha / r) B A dropout(x). Math and injection: lora.py."""
+
     type: Literal["lora"] = "lora"
     placement: list[Slot] = Field(min_length=1)
     rank: int = Field(gt=0, description="r")
@@ -155,6 +163,8 @@ class LoraConfig(AdapterConfig):
 # --- mosa ------------------------------------------------------------------------------------------
 
 class MosaConfig(BottleneckOptions):
+    """MoSA: a bottleneck split into N sparse parts, merged after training. Math and injection: mosa.py."""
+
     type: Literal["mosa"] = "mosa"
     base: Literal["series", "parallel"] = "series"
     parts: int = Field(4, ge=2, le=255, description="N, the number of sparse parts")
