@@ -15,7 +15,7 @@ import workers
 from workers.adapters.base import adapter_parameters, adapter_state_dict
 from workers.adapters.io import export_peft, load_adapter, read_adapter_config, save_adapter
 from workers.adapters.mosa import SparseBottleneck
-from workers.adapters.registry import count_parameters, inject
+from workers.adapters.registry import count_parameters, finalize, inject
 from workers.errors import ConfigError
 from workers.spec import parse_trial_spec
 
@@ -59,6 +59,30 @@ def test_a_fresh_base_model_plus_load_gives_identical_logits(name: str, family: 
     assert torch.equal(fresh.eval()(IDS).logits, expected)
     assert count_parameters(fresh) == count_parameters(model)
     assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {n for n, _ in adapter_parameters(fresh)}
+
+
+@pytest.mark.parametrize("base", ["series", "parallel"])
+def test_a_finalized_mosa_adapter_is_the_dense_adapter_it_merged_into(base: str, tmp_path: Path) -> None:
+    fields = dict(type="mosa", base=base, placement=["attn", "up"], bottleneck=8, parts=3, scaling="learned")
+    model, spec = trained("llama", fields)
+    expected = model(IDS).logits
+    deployed = finalize(model, spec)
+    assert deployed == adapter(type=base, placement=["attn", "up"], bottleneck=8, scaling="learned")
+    assert not any(isinstance(m, SparseBottleneck) for m in model.modules())
+    assert torch.equal(model(IDS).logits, expected)  # evaluation already used W = Σ_i W ⊙ M_i
+    save_adapter(model, deployed, tmp_path, trained_as=spec)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["trained_as"] == spec.model_dump(mode="json")
+    assert not any(k.endswith("_part") for k in load_file(str(tmp_path / "adapter.safetensors")))
+    fresh = tiny_model("llama", seed=1)
+    assert load_adapter(fresh, tmp_path) == deployed
+    assert torch.equal(fresh.eval()(IDS).logits, expected)
+
+
+def test_finalize_leaves_other_methods_as_they_are() -> None:
+    model, spec = trained("llama", METHODS["lora"])
+    expected = model(IDS).logits
+    assert finalize(model, spec) is spec
+    assert torch.equal(model(IDS).logits, expected)
 
 
 def test_the_folder_holds_the_config_and_only_adapter_tensors(tmp_path: Path) -> None:

@@ -108,7 +108,7 @@ def _run(
     should_stop: Callable[[], bool] | None,
 ) -> TrialResult:
     from workers.adapters.io import save_adapter
-    from workers.adapters.registry import count_parameters, inject
+    from workers.adapters.registry import count_parameters, finalize, inject
     from workers.data import build_train_data, data_root
     from workers.evaluate import evaluate
     from workers.model_loading import build_model, load_tokenizer
@@ -167,7 +167,9 @@ def _run(
             metrics["eval_seconds"] = result.seconds
             metrics["eval_tokens_per_s"] = result.generated_tokens / max(result.seconds, 1e-9)
         if rank0:
-            save_adapter(model, spec.adapter, out / "adapter", base_model=spec.model)
+            deployed = finalize(model, spec.adapter)
+            save_adapter(model, deployed, out / "adapter", base_model=spec.model,
+                         trained_as=spec.adapter if deployed != spec.adapter else None)
     if not rank0:
         if report is not None:  # every rank reports the same steps (Ray Train synchronises on them)
             report({**metrics, "step": outcome.global_step, "total_steps": outcome.total_steps}, None)

@@ -34,6 +34,9 @@ class AdapterMethod(Protocol):
         """Insert the method's layers into `model` in place; return the layers inserted."""
         ...
 
+    # Optional: `finalize(model, config) -> AdapterConfig` puts a trained adapter into the form it is
+    # deployed in and returns that form's config (MoSA merges its parts). Without it, nothing changes.
+
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an `nn.Linear` or a GPT-2 style `Conv1D`."""

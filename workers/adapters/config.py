@@ -171,6 +171,11 @@ class MosaConfig(BottleneckOptions):
     consistency_weight: float = Field(0.0, ge=0.0, description="weight of the symmetric-KL consistency term")
     mask_seed: int = 0
 
+    def dense(self) -> SeriesConfig | ParallelConfig:
+        """The config of the dense adapter the parts merge into: the base method, the same options."""
+        shared = self.model_dump(include=set(BottleneckOptions.model_fields) - {"type"})
+        return SeriesConfig(**shared) if self.base == "series" else ParallelConfig(**shared)
+
     def short_name(self) -> str:
         tags = [*self.option_tags(), *([f"cw{self.consistency_weight:g}"] if self.consistency_weight else [])]
         head = [self.type, self.base, f"b{self.bottleneck}", f"n{self.parts}", placement_tag(self.placement)]

@@ -45,9 +45,14 @@ def _listed(keys: list[str], most: int = 3) -> str:
 
 
 def save_adapter(
-    model: nn.Module, config: AdapterConfig, out_dir: str | Path, *, base_model: str | None = None
+    model: nn.Module, config: AdapterConfig, out_dir: str | Path, *, base_model: str | None = None,
+    trained_as: AdapterConfig | None = None,
 ) -> Path:
-    """Write the adapter of `model` (described by `config`) to `out_dir`; returns the folder."""
+    """Write the adapter of `model` (described by `config`) to `out_dir`; returns the folder.
+
+    `trained_as` records the config an adapter was trained with when `config` is its merged form
+    (a MoSA adapter saved as the dense series or parallel adapter it merged into).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(_cpu(adapter_state_dict(model)), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -56,6 +61,7 @@ def save_adapter(
         "base_model": base_model,
         "family": family_for(model.config).name,
         "adapter": config.model_dump(mode="json"),
+        **({"trained_as": trained_as.model_dump(mode="json")} if trained_as is not None else {}),
     })
     return out
 

@@ -5,6 +5,8 @@ parts: every weight element belongs to exactly one part, M_1 + ... + M_N = 1. In
 forward activates one part i and computes with W ⊙ M_i, so its gradient reaches only that part's
 elements. In evaluation all parts are active, W ⊙ (M_1 + ... + M_N) = W, and `merge_mosa`
 replaces every MoSA layer by the dense bottleneck it equals: no extra inference cost.
+A trial ends with that merge (`finalize`) and saves the dense series or parallel adapter, its
+MoSA config kept beside it as `trained_as`.
 
 What we follow: split into non-overlapping parts, train them stochastically one at a time, merge
 after tuning. What we chose or changed:
@@ -34,7 +36,7 @@ from torch import nn
 
 from workers.adapters.base import replace_module
 from workers.adapters.bottleneck import Bottleneck, inject_parallel, inject_series
-from workers.adapters.config import MosaConfig
+from workers.adapters.config import AdapterConfig, MosaConfig
 from workers.placement import FamilyLayout
 
 
@@ -124,6 +126,11 @@ class _Mosa:
         if config.base == "series":
             return inject_series(model, layout, config, make)
         return inject_parallel(model, layout, config, make)
+
+    def finalize(self, model: nn.Module, config: MosaConfig) -> AdapterConfig:
+        """Merge the parts: what remains is the dense series or parallel adapter `config.dense()` names."""
+        merge_mosa(model)
+        return config.dense()
 
 
 METHOD = _Mosa()

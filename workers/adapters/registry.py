@@ -33,6 +33,12 @@ def count_parameters(model: nn.Module) -> ParamCounts:
     return ParamCounts(trainable=adapter, base=total - adapter)
 
 
+def finalize(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+    """After training: the adapter of `model` in its deployed form; returns the config that describes it."""
+    method = METHODS[config.type]
+    return method.finalize(model, config) if hasattr(method, "finalize") else config
+
+
 def inject(model: PreTrainedModel, config: AdapterConfig) -> list[nn.Module]:
     """Insert the adapter `config` describes into `model` and freeze everything else."""
     method = METHODS[config.type]
