@@ -6,7 +6,6 @@ the cost totals and the plots. The MLflow store is the source of truth for `stat
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import tempfile
@@ -18,13 +17,12 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from orchestrator.report import Trial, collect, write_report
+from orchestrator.report import Trial, collect, write_csv, write_report
 from orchestrator.sweep import Point, SweepSpec
 from workers.provenance import git_sha
-from workers.tracking import experiment_id, redact
+from workers.tracking import PARENT_TAG, experiment_id, redact
 
 SWEEP_TAG = "adaptune.sweep"
-PARENT_TAG = "mlflow.parentRunId"
 COSTS = ("gpu_hours", "cpu_hours", "tokens_trained")
 
 
@@ -147,17 +145,6 @@ def summary_rows(client: MlflowClient, parent: Run) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["trial"])
 
 
-def write_summary(rows: list[dict[str, Any]], path: Path) -> Path:
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def finish_parent(
     uri: str, parent_id: str, *, failed: bool, metric: str = "accuracy/macro", mode: str = "max"
 ) -> list[dict[str, Any]]:
@@ -172,7 +159,7 @@ def finish_parent(
     client.log_metric(parent_id, "trials_finished", sum(r["status"] in ("FINISHED", "SUCCEEDED") for r in rows))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        write_summary(rows, folder / "summary.csv")
+        write_csv(rows, folder / "summary.csv")
         if rows:
             build_report(uri, parent_id, folder, metric=metric, mode=mode)
         client.log_artifacts(parent_id, str(folder), artifact_path="report")

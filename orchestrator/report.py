@@ -377,7 +377,8 @@ def table(summary: Summary) -> Table:
     return out
 
 
-def _write_csv(rows: Sequence[Mapping[str, object]], path: Path) -> None:
+def write_csv(rows: Sequence[Mapping[str, object]], path: Path) -> None:
+    """Rows as CSV, with the union of their keys as columns in first-seen order."""
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
@@ -393,7 +394,7 @@ def write_report(summary: Summary, out_dir: Path) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = configuration_rows(summary)
-    _write_csv(rows, out_dir / "configurations.csv")
+    write_csv(rows, out_dir / "configurations.csv")
     comparison = {
         "metric": summary.metric, "mode": summary.mode, "verdict": verdict(summary),
         "best": summary.ranked[0].label if summary.ranked else None,

@@ -337,6 +337,21 @@ Row = tuple[int, ...]
 MicroBatch = list[Row]
 
 
+def _first_fit(items: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Each item into the first bin with room for it, a new bin when none has: the bins, in order."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in items:
+        fit = next((b for b, free in enumerate(room) if lengths[i] <= free), None)
+        if fit is None:
+            bins.append([])
+            room.append(capacity)
+            fit = len(bins) - 1
+        bins[fit].append(i)
+        room[fit] -= lengths[i]
+    return bins
+
+
 def micro_batches(
     lengths: Sequence[int],
     micro_batch_size: int,
@@ -360,26 +375,16 @@ def micro_batches(
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    mega = micro_batch_size * 50
-    windows = [sorted(order[start:start + mega], key=lambda j: -lengths[j]) for start in range(0, len(order), mega)]
-    if packing:
-        rows: list[Row] = []
-        for window in windows:
-            bins: list[list[int]] = []
-            room: list[int] = []
-            for i in window:
-                fit = next((b for b, free in enumerate(room) if lengths[i] <= free), None)
-                if fit is None:
-                    bins.append([])
-                    room.append(cutoff_len)
-                    fit = len(bins) - 1
-                bins[fit].append(i)
-                room[fit] -= lengths[i]
-            rows.extend(tuple(b) for b in bins)
-    elif group_by_length:
-        rows = [(i,) for window in windows for i in window]
+    if not (packing or group_by_length):
+        rows: list[Row] = [(i,) for i in order]
     else:
-        rows = [(i,) for i in order]
+        mega = micro_batch_size * 50
+        windows = [sorted(order[start:start + mega], key=lambda j: -lengths[j])
+                   for start in range(0, len(order), mega)]
+        if packing:
+            rows = [tuple(b) for window in windows for b in _first_fit(window, lengths, cutoff_len)]
+        else:
+            rows = [(i,) for window in windows for i in window]
     return [rows[start:start + micro_batch_size] for start in range(0, len(rows), micro_batch_size)]
 
 

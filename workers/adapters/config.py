@@ -2,7 +2,7 @@
 
 The configs live apart from the layers (as PEFT keeps `config.py` apart from `layer.py`) so that a
 sweep or trial file is checked, named and counted into trials without importing torch: `adaptune
-run`, `status` and `report` start in a second instead of five. Each method's module
+run`, `status` and `report` start in about two seconds instead of six. Each method's module
 (`series.py`, `parallel.py`, `prefix.py`, `lora.py`, `mosa.py`) holds its math and its injection and
 refers to its config here; `registry.py` joins the two.
 """
