@@ -26,7 +26,6 @@ from workers.tracking import Tracker, TrialStatus, redact
 Report = Callable[[dict[str, float], Path | None], None]
 
 
-
 @dataclass
 class TrialResult:
     status: TrialStatus
