@@ -1,19 +1,32 @@
-# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`. Both install the exact
+# versions of requirements.lock; `make lock` re-resolves it (see its header).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# A CPU build of torch; on a GPU machine install your CUDA torch into the venv first
-# and run with TORCH_SPEC= (empty) to keep it.
-TORCH_SPEC ?= torch==2.13.0
+UV_VERSION := 0.13.9
+# The CPU build of the locked torch (where the machine's pip finds one); on a GPU machine install
+# your CUDA torch into the venv first and run with TORCH_SPEC= (empty) to keep it.
+TORCH_SPEC ?= torch==$(shell $(PYTHON) tools/lockfile.py pin torch)
+# make lock UPGRADE="transformers peft" moves those pins to the newest allowed release; UPGRADE=all every pin.
+UPGRADE ?=
+# The drift job: the lock, but the newest releases pyproject.toml allows of these.
+DRIFT_VENV ?= .venv-drift
+DRIFT ?= transformers peft torch
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-fast lint venv lock drift clean
 
-$(BIN)/.installed: pyproject.toml
+# The lock is checked against pyproject.toml before anything is installed. torch comes through pip,
+# which honours the machine's own indexes (a CPU wheel where it has one), every other package
+# through uv, exactly as locked; then a consistency check of the result.
+$(BIN)/.installed: pyproject.toml requirements.lock
+	@$(PYTHON) tools/lockfile.py check
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(if $(TORCH_SPEC),$(BIN)/python -m pip install -q "$(TORCH_SPEC)")
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q "uv==$(UV_VERSION)"
+	$(if $(TORCH_SPEC),$(BIN)/python -m pip install -q --no-deps "$(TORCH_SPEC)")
+	$(PYTHON) tools/lockfile.py cpu > $(VENV)/requirements-cpu.txt
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -r $(VENV)/requirements-cpu.txt -e .
+	$(BIN)/uv pip check -q --python $(BIN)/python
 	touch $@
 
 venv: $(BIN)/.installed
@@ -23,10 +36,41 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
+
+# Everything but the end-to-end tests (DeepSpeed subprocesses, torchrun, Ray, servers, kill/resume).
+test-fast: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow" --durations=5 tests
 
 lint: venv
 	$(BIN)/ruff check .
 
+# Re-resolve requirements.lock from pyproject.toml, keeping every current pin that still fits.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "uv==$(UV_VERSION)"
+	sed '/^#/d' requirements.lock > $(VENV)/lock.txt 2>/dev/null || true
+	$(BIN)/uv pip compile -q pyproject.toml --all-extras --universal --python-version 3.11 --no-header \
+		$(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p))) -o $(VENV)/lock.txt
+	$(PYTHON) tools/lockfile.py stamp $(VENV)/lock.txt
+
+# The adapter-family tests (every method on every family) in a second environment: the lock with
+# $(DRIFT) at their newest allowed releases, so an upstream rename fails CI before it fails a user.
+drift:
+	@$(PYTHON) tools/lockfile.py check
+	rm -rf $(DRIFT_VENV) && $(PYTHON) -m venv $(DRIFT_VENV)
+	$(DRIFT_VENV)/bin/python -m pip install -q "uv==$(UV_VERSION)"
+	sed '/^#/d' requirements.lock > $(DRIFT_VENV)/lock.txt
+	$(DRIFT_VENV)/bin/uv pip compile -q pyproject.toml --all-extras --universal --python-version 3.11 --no-header \
+		$(foreach p,$(DRIFT),--upgrade-package $(p)) -o $(DRIFT_VENV)/lock.txt
+	$(DRIFT_VENV)/bin/python -m pip install -q --no-deps "torch==$$($(PYTHON) tools/lockfile.py pin torch $(DRIFT_VENV)/lock.txt)"
+	$(PYTHON) tools/lockfile.py cpu $(DRIFT_VENV)/lock.txt > $(DRIFT_VENV)/requirements-cpu.txt
+	$(DRIFT_VENV)/bin/uv pip install -q --python $(DRIFT_VENV)/bin/python --no-deps -r $(DRIFT_VENV)/requirements-cpu.txt -e .
+	$(DRIFT_VENV)/bin/uv pip check -q --python $(DRIFT_VENV)/bin/python
+	$(DRIFT_VENV)/bin/python -c "import torch, transformers, peft; print('drift: torch', torch.__version__, \
+		'transformers', transformers.__version__, 'peft', peft.__version__)"
+	$(DRIFT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_adapters*.py
+
 clean:
-	rm -rf $(VENV) .cache .pytest_cache mlflow.db runs
+	rm -rf $(VENV) $(DRIFT_VENV) .cache .pytest_cache mlflow.db mlartifacts runs
