@@ -57,6 +57,7 @@ lock:
 
 # The adapter-family tests (every method on every family) in a second environment: the lock with
 # $(DRIFT) at their newest allowed releases, so an upstream rename fails CI before it fails a user.
+# torch comes with its own dependencies here: a newer torch may exist only as a CUDA build (it runs on CPU).
 drift:
 	@$(PYTHON) tools/lockfile.py check
 	rm -rf $(DRIFT_VENV) && $(PYTHON) -m venv $(DRIFT_VENV)
@@ -64,7 +65,7 @@ drift:
 	sed '/^#/d' requirements.lock > $(DRIFT_VENV)/lock.txt
 	$(DRIFT_VENV)/bin/uv pip compile -q pyproject.toml --all-extras --universal --python-version 3.11 --no-header \
 		$(foreach p,$(DRIFT),--upgrade-package $(p)) -o $(DRIFT_VENV)/lock.txt
-	$(DRIFT_VENV)/bin/python -m pip install -q --no-deps "torch==$$($(PYTHON) tools/lockfile.py pin torch $(DRIFT_VENV)/lock.txt)"
+	$(DRIFT_VENV)/bin/python -m pip install -q "torch==$$($(PYTHON) tools/lockfile.py pin torch $(DRIFT_VENV)/lock.txt)"
 	$(PYTHON) tools/lockfile.py cpu $(DRIFT_VENV)/lock.txt > $(DRIFT_VENV)/requirements-cpu.txt
 	$(DRIFT_VENV)/bin/uv pip install -q --python $(DRIFT_VENV)/bin/python --no-deps -r $(DRIFT_VENV)/requirements-cpu.txt -e .
 	$(DRIFT_VENV)/bin/uv pip check -q --python $(DRIFT_VENV)/bin/python
