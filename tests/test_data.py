@@ -1,4 +1,4 @@
-"""Training data: the paper's template, label masking, caching, packing, the leakage guard, bad input."""
+"""Training data: label masking, caching, packing, the leakage guard, bad input."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_prompts import FINETUNE_NO_INPUT
 from tiny_models import tiny_model
 
 from workers import data
 from workers.data import (
     build_train_data,
     collate,
-    generate_prompt,
     load_records,
     micro_batches,
     padding_share,
@@ -22,41 +22,6 @@ from workers.data import (
 )
 from workers.errors import ConfigError
 from workers.spec import DataSpec
-
-# The paper's finetune.py, character for character: its f-string kept the code's 16-space indent and
-# a stray linter comment after the first sentence.
-PAPER_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request.  # noqa: E501\n\n"
-    "                ### Instruction:\n"
-    "                What is 2 + 3?\n"
-    "                \n"
-    "                ### Response:\n"
-    "                The answer is 5."
-)
-PAPER_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.  # noqa: E501\n\n"
-    "                ### Instruction:\n"
-    "                Add the numbers.\n"
-    "                \n"
-    "                ### Input:\n"
-    "                2 and 3\n"
-    "                \n"
-    "                ### Response:\n"
-    "                5"
-)
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request.\n\n### Instruction:\nWhat is 2 + 3?\n\n### Response:\n"
-)
-
-
-def test_the_papers_template_byte_for_byte() -> None:
-    assert generate_prompt("What is 2 + 3?", "", "The answer is 5.") == PAPER_NO_INPUT
-    assert generate_prompt("Add the numbers.", "2 and 3", "5") == PAPER_WITH_INPUT
-    assert generate_prompt("What is 2 + 3?", None, None) == PAPER_NO_INPUT.removesuffix("The answer is 5.")
-    assert generate_prompt("What is 2 + 3?", template="alpaca") == ALPACA_NO_INPUT
 
 
 def test_every_task_resolves_to_its_folder(shared_data: Path) -> None:
@@ -73,7 +38,7 @@ RECORD = {"instruction": "What is 2 + 3?", "input": "", "output": "The answer is
 
 def test_labels_copy_the_ids_when_training_on_inputs(byte_tok) -> None:
     ex = tokenize_example(RECORD, byte_tok, cutoff_len=512, train_on_inputs=True)
-    full = byte_tok(PAPER_NO_INPUT)["input_ids"]
+    full = byte_tok(FINETUNE_NO_INPUT)["input_ids"]
     assert ex["input_ids"] == [*full, byte_tok.eos_token_id]
     assert ex["labels"] == ex["input_ids"]
     assert ex["attention_mask"] == [1] * len(ex["input_ids"])
@@ -81,7 +46,7 @@ def test_labels_copy_the_ids_when_training_on_inputs(byte_tok) -> None:
 
 def test_labels_mask_the_prompt_when_not_training_on_inputs(byte_tok) -> None:
     ex = tokenize_example(RECORD, byte_tok, cutoff_len=512, train_on_inputs=False)
-    n_prompt = len(byte_tok(PAPER_NO_INPUT.removesuffix("The answer is 5."))["input_ids"])
+    n_prompt = len(byte_tok(FINETUNE_NO_INPUT.removesuffix("The answer is 5."))["input_ids"])
     assert ex["labels"][:n_prompt] == [-100] * n_prompt
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
     assert byte_tok.decode(ex["labels"][n_prompt:-1]) == "The answer is 5."

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from workers.data import Template, custom_task, generate_prompt, is_custom, load_records, task, task_file
+from workers.data import custom_task, is_custom, load_records, task, task_file
+from workers.prompts import Template, evaluation_prompt
 from workers.scoring import extract, is_correct
 
 if TYPE_CHECKING:
@@ -162,6 +163,8 @@ def evaluate(
 ) -> EvalResult:
     """Accuracy of `model` on each task; predictions as JSON lines in `out_dir/<task>.jsonl`.
 
+    Questions are asked with the evaluation template (`workers.prompts.evaluation_prompt`), as the
+    paper's evaluate.py and commonsense_evaluate.py ask them.
     Every task file is read and checked before the first generation, so a bad file fails fast.
     """
     files = {name: task_file(name, root) for name in tasks}
@@ -175,7 +178,7 @@ def evaluate(
         rows = records[name]
         if spec.limit is not None:
             rows = rows.select(range(min(spec.limit, len(rows))))
-        prompts = [generate_prompt(r["instruction"], r.get("input"), None, template) for r in rows]
+        prompts = [evaluation_prompt(r["instruction"], r.get("input"), template) for r in rows]
         if spec.protocol == "paper":
             ids, n = generate_paper(model, tokenizer, prompts, spec.max_new_tokens)
         else:
