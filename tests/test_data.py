@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from test_prompts import FINETUNE_NO_INPUT
 from tiny_models import tiny_model
 
@@ -110,6 +111,34 @@ def test_leakage_guard_catches_a_planted_overlap(tmp_path: Path, byte_tok, share
     allowed = build_train_data(spec.model_copy(update={"allow_leakage": True}), byte_tok, seed=0,
                                cache_dir=tmp_path / "c")
     assert allowed.stats["train_examples"] == 23
+
+
+def test_math_10k_is_refused_with_the_mawps_sets_it_contains() -> None:
+    """The reference's announcement: math_10k holds MAWPS training data, hence AddSub, MultiArith, SingleEq."""
+    for leaked in ("addsub", "multiarith", "singleeq"):
+        with pytest.raises(ValidationError, match=f"math_10k contains the {leaked} test questions"):
+            DataSpec(train="math_10k", eval=["gsm8k", leaked])
+    assert DataSpec(train="math_10k", eval=["gsm8k", "aqua", "mawps", "svamp"]).eval[2] == "mawps"
+    assert DataSpec(train="math_10k", eval=["addsub"], allow_leakage=True).allow_leakage
+    for clean in ("math_7k", "math_14k"):
+        assert DataSpec(train=clean, eval=["addsub", "multiarith", "singleeq"]).train == clean
+
+
+@pytest.mark.parametrize("name", ["math_7k", "math_14k"])
+def test_math_7k_and_14k_train_and_keep_the_guard(name: str, tmp_path: Path, byte_tok, shared_data: Path) -> None:
+    root = tmp_path / "root"
+    (root / "ft-training_set").mkdir(parents=True)
+    (root / "dataset").symlink_to(shared_data / "dataset")
+    _write(root / "ft-training_set" / f"{name}.json", _arith(12))
+    spec = DataSpec(train=name, eval=["addsub", "singleeq"], data_root=str(root), val_set_size=0)
+    built = build_train_data(spec, byte_tok, seed=0, cache_dir=tmp_path / "c")
+    assert built.stats["train_examples"] == 12
+    assert built.stats["train_file"] == str(root / "ft-training_set" / f"{name}.json")
+    # The content check stays on: a planted AddSub question still fails the run.
+    planted = load_records(task_file("addsub", shared_data))[0]["instruction"]
+    _write(root / "ft-training_set" / f"{name}.json", [*_arith(12), {**_arith(1)[0], "instruction": planted}])
+    with pytest.raises(ConfigError, match="1 training instructions also appear in the addsub test set"):
+        build_train_data(spec, byte_tok, seed=0, cache_dir=tmp_path / "c")
 
 
 def test_epoch_order_is_deterministic_and_complete() -> None:

@@ -23,7 +23,8 @@ CONFIG_FOLDER = {"yahma/llama-7b-hf": "llama-7b", "bigscience/bloomz-7b1": "bloo
                  "EleutherAI/gpt-j-6b": "gpt-j-6b"}
 # What each study is: the paper's design, trial by trial (method comparisons: 4 methods x 3 seeds).
 TRIALS = {"placement": 9, "bottleneck": 8, "rank": 5, "math": 12, "commonsense": 12}
-MATH_SETS = {"multiarith", "gsm8k", "addsub", "aqua", "singleeq", "svamp", "mawps"}
+# The reference's updated math table (README): AddSub, MultiArith and SingleEq are inside math_10k.
+MATH_SETS = {"gsm8k", "aqua", "mawps", "svamp"}
 COMMONSENSE_SETS = {"boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa"}
 
 
