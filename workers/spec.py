@@ -78,6 +78,7 @@ class TrainSpec(_Section):
     eval_every: int = Field(200, gt=0, description="validation loss every M optimizer steps")
     save_every: int = Field(200, gt=0, description="checkpoint every K optimizer steps")
     keep_checkpoints: int = Field(2, gt=0)
+    load_best: bool = Field(False, description="end on the adapter of the lowest validation loss (ZeRO 0-2)")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainSpec:
@@ -85,6 +86,8 @@ class TrainSpec(_Section):
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
             )
+        if self.load_best and self.zero_stage == 3:
+            raise ValueError("load_best needs whole adapter parameters on every rank: zero_stage 0, 1 or 2")
         return self
 
 
@@ -112,6 +115,12 @@ class TrialSpec(_Section):
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _best_needs_validation(self) -> TrialSpec:
+        if self.train.load_best and self.data.val_set_size == 0:
+            raise ValueError("train.load_best chooses by validation loss: give data.val_set_size > 0")
+        return self
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

@@ -48,9 +48,9 @@ class SparseBottleneck(Bottleneck):
 
     def __init__(
         self, down: nn.Linear, up: nn.Linear, act: nn.Module, dropout: nn.Module, scale: float | nn.Parameter,
-        *, parts: int, generator: torch.Generator,
+        float32: bool = True, *, parts: int, generator: torch.Generator,
     ) -> None:
-        super().__init__(down, up, act, dropout, scale)
+        super().__init__(down, up, act, dropout, scale, float32)
         self.parts = parts
         self.active: int | None = None
         for name, lin in (("down_part", down), ("up_part", up)):
@@ -71,7 +71,7 @@ class SparseBottleneck(Bottleneck):
 
     def merged(self) -> Bottleneck:
         """The dense bottleneck Σ_i W ⊙ M_i = W of all parts, sharing this layer's parameters."""
-        return Bottleneck(self.down, self.up, self.act, self.dropout, self.scale)
+        return Bottleneck(self.down, self.up, self.act, self.dropout, self.scale, self.float32)
 
 
 def _sparse_layers(model: nn.Module) -> list[tuple[str, SparseBottleneck]]:
