@@ -135,3 +135,14 @@ def test_eval_cli_bad_input(extra, needle, shared_data: Path, tmp_path: Path, mo
     code, _, err = run_cli(args, monkeypatch, capsys)
     assert code == 2 and needle in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_generation_budget_is_the_references_per_kind_of_set() -> None:
+    """evaluate.py generates 256 new tokens (math), commonsense_evaluate.py 32; a spec's number wins."""
+    from workers.data import task
+    from workers.evaluate import new_tokens
+
+    assert [new_tokens(EvalSpec(), task(t)) for t in ("gsm8k", "aqua", "mawps", "boolq", "piqa", "obqa")] == [
+        256, 256, 256, 32, 32, 32]
+    assert new_tokens(EvalSpec(protocol="paper"), task("hellaswag")) == 32
+    assert new_tokens(EvalSpec(max_new_tokens=8), task("gsm8k")) == 8

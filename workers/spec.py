@@ -96,7 +96,9 @@ class EvalSpec(_Section):
 
     protocol: Literal["batched", "paper"] = Field("batched", description="paper = batch 1, beam search 4")
     scoring: Literal["paper", "strict"] = "paper"
-    max_new_tokens: int = Field(256, gt=0)
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="None: the reference's, 256 for math sets (evaluate.py), 32 for the others "
+                                "(commonsense_evaluate.py)")
     batch_size: int = Field(32, gt=0)
     limit: int | None = Field(None, gt=0, description="evaluate only the first N questions of each set")
 
