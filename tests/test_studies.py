@@ -141,7 +141,7 @@ def test_load_best_needs_a_validation_split_and_whole_parameters() -> None:
 
     base = {"model": "m", "adapter": {"type": "lora", "placement": ["q"], "rank": 4}}
     assert parse_trial_spec({**base, "train": {"load_best": True}}).data.val_set_size == 120
-    with pytest.raises(ConfigError, match="give data.val_set_size > 0"):
+    with pytest.raises(ConfigError, match=r"give data\.val_set_size > 0"):
         parse_trial_spec({**base, "train": {"load_best": True}, "data": {"val_set_size": 0}})
     with pytest.raises(ConfigError, match="zero_stage 0, 1 or 2"):
         parse_trial_spec({**base, "train": {"load_best": True, "zero_stage": 3}})
