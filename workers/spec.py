@@ -40,7 +40,8 @@ class DataSpec(_Section):
     data_root: str | None = Field(None, description="folder of the data sets; else $ADAPTUNE_DATA")
     cutoff_len: int = Field(256, gt=0)
     train_on_inputs: bool = True
-    template: Literal["paper", "alpaca"] = Field("paper", description="paper = the paper's exact prompt text")
+    template: Literal["paper", "alpaca"] = Field(
+        "paper", description="paper: the reference's texts, finetune.py's for training, evaluate.py's for tests")
     val_set_size: int = Field(120, ge=0)
     limit_train: int | None = Field(None, gt=0, description="use only the first N training examples")
     group_by_length: bool = False
