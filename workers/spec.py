@@ -113,6 +113,9 @@ class TrialSpec(_Section):
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="config fields to override")
     tokenizer: str | None = Field(None, description="hub id or folder; `byte` for the built-in byte tokenizer")
     trust_remote_code: bool = False
+    load_in_8bit: bool = Field(
+        False, description="the frozen base in 8-bit (bitsandbytes LLM.int8(), the reference's --load_8bit); "
+                           "needs a CUDA GPU and bitsandbytes where the trial runs")
     adapter: AdapterSpec
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -123,6 +126,15 @@ class TrialSpec(_Section):
     def _best_needs_validation(self) -> TrialSpec:
         if self.train.load_best and self.data.val_set_size == 0:
             raise ValueError("train.load_best chooses by validation loss: give data.val_set_size > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _eight_bit_base(self) -> TrialSpec:
+        """Refused here whatever the machine; CUDA and bitsandbytes are checked where the model loads."""
+        if self.load_in_8bit and self.random_init:
+            raise ValueError("load_in_8bit quantizes pretrained weights; random_init has none")
+        if self.load_in_8bit and self.train.zero_stage == 3:
+            raise ValueError("load_in_8bit: ZeRO-3 cannot partition 8-bit weights; use zero_stage 0, 1 or 2")
         return self
 
 

@@ -194,7 +194,8 @@ class Trainer:
         self.total_steps = spec.train.max_steps or max(1, int(spec.train.epochs * self.steps_per_epoch))
         if spec.train.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.to(self.device)
+        if not getattr(model, "is_loaded_in_8bit", False):  # an 8-bit base loads onto its GPU
+            model.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         warmup, total = spec.train.warmup_steps, self.total_steps
         self.engine, _, _, self.scheduler = deepspeed.initialize(
