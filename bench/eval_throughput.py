@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, CompileConfig, LlamaConfig, PreTrainedModel
 
-from workers.data import data_root, generate_prompt, load_records, task_file
+from workers.data import data_root, load_records, task_file
 from workers.evaluate import generate_greedy
 from workers.model_loading import build_model, byte_tokenizer
+from workers.prompts import evaluation_prompt
 
 # LLaMA shapes with random weights; `7b` is the shape of /work/shared/model-configs/llama-7b,
 # `1b` that of TinyLlama-1.1B, `tiny` the test model of sweeps/models/tiny-llama.
@@ -62,7 +63,7 @@ def build(args: argparse.Namespace) -> PreTrainedModel:
 def gsm8k_prompts(n: int, root: Path, chars: int | None) -> list[str]:
     """The first `n` GSM8K test prompts (cycled when n exceeds the set), the last `chars` of each if given."""
     instructions = load_records(task_file("gsm8k", root))["instruction"]
-    prompts = [generate_prompt(instructions[i % len(instructions)]) for i in range(n)]
+    prompts = [evaluation_prompt(instructions[i % len(instructions)]) for i in range(n)]
     return [p[-chars:] for p in prompts] if chars else prompts
 
 

@@ -291,7 +291,8 @@ def eval_command(
     out: Annotated[Path | None, typer.Option(help="folder for predictions and results.json")] = None,
     protocol: Annotated[str, typer.Option(help="batched | paper (batch 1, beam search 4)")] = "batched",
     scoring: Annotated[str, typer.Option(help="paper | strict")] = "paper",
-    max_new_tokens: Annotated[int, typer.Option()] = 256,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        help="tokens to generate (default: 256 for math sets, 32 for the others, as the reference)")] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
     template: Annotated[str, typer.Option(help="paper | alpaca prompt template")] = "paper",
 ) -> None:

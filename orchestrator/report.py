@@ -1,11 +1,13 @@
 """The report of a sweep: one row per configuration, plots, and how sure the winner is.
 
 Trials that differ only in their seed are one configuration. Its accuracy is the mean over seeds
-with a 95% Student-t interval, mean ± t(0.975, n-1) · s / √n (none for a single run). Whether the
-best configuration beats the runner-up is asked of the same questions: a paired bootstrap resamples
-the questions of each task (the same draw for both), averages each question's correctness over the
-seeds, and reports the difference in macro accuracy with its 95% percentile interval and the share
-of resamples in which the best is not ahead (a one-sided p-value).
+with a 95% Student-t interval, mean ± t(0.975, n-1) · s / √n (none for a single run).
+
+Whether the best configuration beats the runner-up is asked of the same seeds and questions
+(`orchestrator.comparison`): a two-level bootstrap (seeds, then questions within seeds) and a
+seed-paired t-test; "beats" only when the bootstrap's 95% interval excludes zero. The two are chosen
+on the validation split (lowest mean `val_loss`) when every ranked configuration has one, and then
+compared on the test sets; otherwise they are the test ranking's top two, and the verdict says so.
 
 Plots: accuracy vs trainable parameters with the Pareto front, a placement x method heatmap,
 accuracy vs bottleneck size and vs LoRA rank (when the sweep varies them), and training curves.
@@ -31,6 +33,7 @@ from typing import Protocol
 import numpy as np
 from rich.table import Table
 
+from orchestrator.comparison import Comparison, two_level_bootstrap
 from workers.spec import TrialSpec
 
 SUCCEEDED = ("SUCCEEDED", "FINISHED")
@@ -74,56 +77,6 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
         if not dominated and not any(points[k] == (cost, score) for k in front):
             front.append(i)
     return sorted(front, key=lambda i: points[i])
-
-
-@dataclass(frozen=True)
-class Bootstrap:
-    """best - other in macro accuracy over the shared questions, with its percentile interval."""
-
-    delta: float
-    low: float
-    high: float
-    p_value: float
-    questions: int
-    resamples: int
-
-    @property
-    def significant(self) -> bool:
-        return self.low > 0
-
-
-def paired_bootstrap(
-    best: Mapping[str, np.ndarray],
-    other: Mapping[str, np.ndarray],
-    *,
-    resamples: int = 10_000,
-    confidence: float = 0.95,
-    seed: int = 0,
-    chunk: int = 1_000,
-) -> Bootstrap:
-    """Resample each task's questions with replacement, the same draw for both configurations.
-
-    `best[task][i]` and `other[task][i]` score question i of `task` (correct = 1, averaged over
-    seeds). The statistic is the mean over tasks of the per-task accuracy difference.
-    """
-    tasks = sorted(best)
-    if sorted(other) != tasks or not tasks:
-        raise ValueError(f"the two configurations answered different tasks: {sorted(best)} vs {sorted(other)}")
-    diffs = [np.asarray(best[t], dtype=float) - np.asarray(other[t], dtype=float) for t in tasks]
-    rng = np.random.default_rng(seed)
-    deltas = np.zeros(resamples)
-    for d in diffs:
-        for start in range(0, resamples, chunk):
-            size = min(chunk, resamples - start)
-            deltas[start:start + size] += d[rng.integers(0, len(d), size=(size, len(d)))].mean(axis=1)
-    deltas /= len(tasks)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(deltas, [tail, 100 - tail])
-    return Bootstrap(
-        delta=float(np.mean([d.mean() for d in diffs])), low=float(low), high=float(high),
-        p_value=float((np.sum(deltas <= 0) + 1) / (resamples + 1)), questions=sum(len(d) for d in diffs),
-        resamples=resamples,
-    )
 
 
 @dataclass
@@ -225,8 +178,10 @@ class Summary:
     trials: list[Trial]
     costs: dict[str, float]
     curves: dict[str, dict[str, list[tuple[int, float]]]]
-    bootstrap: Bootstrap | None = None
+    bootstrap: Comparison | None = None
     ranked: list[Configuration] = field(default_factory=list)
+    compared: list[Configuration] = field(default_factory=list)  # (best, runner-up) as chosen
+    chosen_on: str = ""  # "validation loss" or "the test sets"
     note: str = ""
 
 
@@ -252,28 +207,31 @@ class TrialSource(Protocol):
 def _question_scores(
     source: TrialSource, configs: Sequence[Configuration], tasks: Sequence[str]
 ) -> list[dict[str, np.ndarray]]:
-    """Per configuration and task: each question's correctness averaged over the finished seeds,
-    over the questions every one of those trials answered."""
-    answers: list[list[dict[str, dict[int, bool]]]] = []
+    """Per configuration and task: a seeds x questions array of correctness, rows in the order of the
+    seeds every configuration finished, columns the questions every one of those trials answered."""
+    answers: list[dict[str, dict[str, dict[int, bool]]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for c_index, config in enumerate(configs):
-            runs = []
+            runs = {}
             for trial in (t for t in config.trials if t.succeeded):
                 folder = Path(tmp) / f"{c_index}-{trial.run_id}"
                 folder.mkdir()
                 local = source.predictions(trial.run_id, folder)
-                runs.append({
+                runs[trial.params.get("seed", "?")] = {
                     t: {row["id"]: bool(row["correct"])
                         for row in map(json.loads, (local / f"{t}.jsonl").read_text().splitlines())}
                     for t in tasks
-                })
+                }
             answers.append(runs)
+    seeds = sorted(set.intersection(*(set(runs) for runs in answers)))
+    if not seeds:
+        raise ValueError("the configurations share no training seed")
     scores = []
     for runs in answers:
         per_task = {}
         for t in tasks:
-            shared = sorted(set.intersection(*(set(r[t]) for config in answers for r in config)))
-            per_task[t] = np.array([np.mean([r[t][q] for r in runs]) for q in shared])
+            shared = sorted(set.intersection(*(set(r[s][t]) for r in answers for s in seeds)))
+            per_task[t] = np.array([[runs[s][t][q] for q in shared] for s in seeds], dtype=float)
         scores.append(per_task)
     return scores
 
@@ -305,11 +263,20 @@ def collect(source: TrialSource, *, metric: str = "accuracy/macro", mode: str = 
     elif not metric.startswith("accuracy/"):
         summary.note = f"{metric} is not an accuracy: no per-question comparison"
     else:
-        best, runner_up = summary.ranked[:2]
+        by_validation = rank(summary.ranked, "val_loss", "min")
+        if len(by_validation) == len(summary.ranked):
+            summary.compared, summary.chosen_on = by_validation[:2], "validation loss"
+        else:
+            summary.compared, summary.chosen_on = summary.ranked[:2], "the test sets"
+        best = summary.compared[0]
         tasks = ([_task_of(m) for m in metric_names(best.trials) if m != "accuracy/macro"]
                  if metric == "accuracy/macro" else [_task_of(metric)])
-        a, b = _question_scores(source, [best, runner_up], tasks)
-        summary.bootstrap = paired_bootstrap(a, b, resamples=resamples)
+        try:
+            a, b = _question_scores(source, summary.compared, tasks)
+        except ValueError as exc:
+            summary.note = f"no paired comparison: {exc}"
+        else:
+            summary.bootstrap = two_level_bootstrap(a, b, resamples=resamples)
     return summary
 
 
@@ -350,15 +317,22 @@ def configuration_rows(summary: Summary) -> list[dict[str, object]]:
 
 
 def verdict(summary: Summary) -> str:
-    """One sentence on the winner and how sure the sweep is of it."""
+    """Two sentences: the winner and how sure the sweep is of it, and how the two were chosen."""
     if summary.bootstrap is None:
         return summary.note
-    best, runner_up = summary.ranked[:2]
+    best, runner_up = summary.compared
     b = summary.bootstrap
     sure = "beats" if b.significant else "is not distinguishable from"
-    return (f"{best.label} {sure} the runner-up {runner_up.label} on the same {b.questions} questions: "
-            f"{b.delta * 100:+.2f} points of macro accuracy, 95% interval [{b.low * 100:+.2f}, {b.high * 100:+.2f}], "
-            f"one-sided p = {b.p_value:.4f} (paired bootstrap, {b.resamples} resamples)")
+    t_test = (f"seed-paired t-test one-sided p = {b.t_p_value:.4f}" if not math.isnan(b.t_p_value)
+              else "no seed-paired t-test (one seed: training-seed variance is not measured)")
+    chosen = ("Both were chosen on the validation split (lowest validation loss) and compared on the test sets."
+              if summary.chosen_on == "validation loss" else
+              "Both were chosen on the test sets they are compared on (no validation loss for every "
+              "configuration), so the gap is optimistic.")
+    return (f"{best.label} {sure} the runner-up {runner_up.label} on the same {b.seeds} seed(s) x {b.questions} "
+            f"questions: {b.delta * 100:+.2f} points of macro accuracy, 95% interval [{b.low * 100:+.2f}, "
+            f"{b.high * 100:+.2f}] (two-level bootstrap over seeds and questions, {b.resamples} resamples, "
+            f"one-sided p = {b.p_value:.4f}); {t_test}. {chosen}")
 
 
 def table(summary: Summary) -> Table:
@@ -388,6 +362,11 @@ def write_csv(rows: Sequence[Mapping[str, object]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def _json_safe(values: Mapping[str, object]) -> dict[str, object]:
+    """NaN (a t-test of one seed) as null: JSON has no NaN."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()}
+
+
 def write_report(summary: Summary, out_dir: Path) -> Path:
     """configurations.csv, comparison.json, the plots and report.md in `out_dir`; returns report.md."""
     from orchestrator import report_plots
@@ -397,9 +376,10 @@ def write_report(summary: Summary, out_dir: Path) -> Path:
     write_csv(rows, out_dir / "configurations.csv")
     comparison = {
         "metric": summary.metric, "mode": summary.mode, "verdict": verdict(summary),
-        "best": summary.ranked[0].label if summary.ranked else None,
-        "runner_up": summary.ranked[1].label if len(summary.ranked) > 1 else None,
-        "bootstrap": vars(summary.bootstrap) if summary.bootstrap else None, "costs": summary.costs,
+        "best": summary.compared[0].label if summary.compared else None,
+        "runner_up": summary.compared[1].label if summary.compared else None,
+        "chosen_on": summary.chosen_on or None,
+        "comparison": _json_safe(vars(summary.bootstrap)) if summary.bootstrap else None, "costs": summary.costs,
     }
     (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
     plots = report_plots.draw_all(summary, out_dir)

@@ -11,9 +11,10 @@ space:                                         # branches: a conditional space, 
 ```
 
 In a branch, a list is a grid axis (a placement axis is a list of lists), a mapping with one key among
-`loguniform uniform randint choice` is a distribution, anything else a fixed value; `train:` and
-`seed` may appear in a branch too. Every expanded point must make a valid `TrialSpec`: a field a
-method does not take is an error naming the branch and the field.
+`loguniform uniform randint choice` is a distribution, anything else a fixed value; `train:`, `data:`
+(settings such as `val_set_size`; paths belong in `base`) and `seed` may appear in a branch too.
+Every expanded point must make a valid `TrialSpec`: a field a method does not take is an error
+naming the branch and the field.
 """
 
 from __future__ import annotations
@@ -104,14 +105,14 @@ def _is_distribution(value: Any) -> bool:
 
 
 def _axes(branch: dict[str, Any], train: dict[str, Any], seed: Any) -> dict[str, Any]:
-    """Every field of one branch, keyed `adapter.*`, `train.*` or `seed`, values as written."""
+    """Every field of one branch, keyed `adapter.*`, `train.*`, `data.*` or `seed`, values as written."""
     fields: dict[str, Any] = {f"train.{k}": v for k, v in train.items()}
     fields["seed"] = seed
     for key, value in branch.items():
-        if key == "train":
+        if key in ("train", "data"):
             if not isinstance(value, dict):
-                raise ValueError("train in a branch must be a mapping")
-            fields.update({f"train.{k}": v for k, v in value.items()})
+                raise ValueError(f"{key} in a branch must be a mapping")
+            fields.update({f"{key}.{k}": v for k, v in value.items()})
         elif key == "seed":
             fields["seed"] = value
         else:
@@ -144,6 +145,7 @@ def _trial_dict(sweep: SweepSpec, fields: dict[str, Any]) -> dict[str, Any]:
     spec = dict(sweep.base)
     spec["adapter"] = {}
     spec["train"] = dict(spec.get("train", {}))
+    spec["data"] = dict(spec.get("data", {}))
     for key, value in fields.items():
         if key == "seed":
             spec["seed"] = value

@@ -370,6 +370,9 @@ def test_short_names() -> None:
     assert (adapter(type="series", placement=["down", "attn"], bottleneck=16, residual=False, scaling="learned",
                     activation="relu", init="zero").short_name() == "series-b16-attn-d-relu-slearned-zinit-nores")
     assert placement_tag(["attn", "q", "k", "v", "gate", "up", "down"]) == "attn-qkvgud"
+    # The two parallel forms under their own names: the reference's beside linears, He et al.'s beside a sublayer.
+    assert adapter(type="parallel", placement=["mlp"], bottleneck=256).short_name() == "parallel-sublayer-b256-mlp"
+    assert adapter(type="parallel", placement=["mlp", "q"], bottleneck=8).short_name() == "parallel-mixed-b8-mlp-q"
     assert placement_tag(["down", "q", "mlp", "attn"]) == "attn-mlp-qd"
 
 
@@ -386,6 +389,8 @@ def test_short_names() -> None:
         (dict(type="series", bottleneck=8), "adapter.placement", "required"),
         (dict(type="series", placement=["down"], bottleneck=8, rank=4), "adapter.rank", "does not take"),
         (dict(type="parallel", placement=["up"], bottleneck=8, residual=False), "adapter.residual", "does not take"),
+        (dict(type="parallel", placement=["mlp"], form="linear", bottleneck=8), "adapter", "is the sublayer form"),
+        (dict(type="parallel", placement=["up", "down"], form="sublayer", bottleneck=8), "adapter", "linear form"),
         (dict(type="mosa", placement=["mlp"], bottleneck=8, parts=1), "adapter.parts", "greater than or equal to 2"),
         (dict(type="mosa", placement=["mlp"], bottleneck=8, residual=False), "adapter.residual", "does not take"),
     ],
@@ -498,3 +503,23 @@ def test_scaling_is_a_number_or_learned(scaling) -> None:
     with pytest.raises(ConfigError) as err:
         adapter(type="series", placement=["mlp"], bottleneck=B, scaling=scaling)
     assert err.value.field == "adapter.scaling" and "a number or 'learned'" in err.value.message
+
+
+@pytest.mark.parametrize("method", ["series", "parallel", "mosa-series"])
+def test_float32_compute_as_the_reference(method) -> None:
+    """compute_dtype float32: f(x) = cast_bf16(W_up · tanh(W_down · x)) · s, all in float32 inside."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    inject(model, adapter(**METHODS[method], placement=["down"], bottleneck=B, scaling=2.0))
+    layer = next(m for m in model.modules() if isinstance(m, Bottleneck))
+    assert layer.float32 and layer.down.weight.dtype == torch.bfloat16
+    x = torch.randn(3, layer.down.in_features, dtype=torch.bfloat16)
+    layer.eval()
+    inner = F.linear(torch.tanh(F.linear(x.float(), layer.down.weight.float())), layer.up.weight.float())
+    expected = inner.to(torch.bfloat16) * 2.0
+    assert torch.equal(layer(x), expected)
+    bf16 = adapter(**METHODS[method], placement=["down"], bottleneck=B, scaling=2.0, compute_dtype="model")
+    assert bf16.short_name().endswith("-s2-modeldtype")
+    model = tiny_model("llama").to(torch.bfloat16)
+    inject(model, bf16)
+    layer = next(m for m in model.modules() if isinstance(m, Bottleneck))
+    assert not layer.float32 and layer(x).dtype == torch.bfloat16

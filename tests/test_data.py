@@ -1,4 +1,4 @@
-"""Training data: the paper's template, label masking, caching, packing, the leakage guard, bad input."""
+"""Training data: label masking, caching, packing, the leakage guard, bad input."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
+from test_prompts import FINETUNE_NO_INPUT
 from tiny_models import tiny_model
 
 from workers import data
 from workers.data import (
     build_train_data,
     collate,
-    generate_prompt,
     load_records,
     micro_batches,
     padding_share,
@@ -22,41 +23,6 @@ from workers.data import (
 )
 from workers.errors import ConfigError
 from workers.spec import DataSpec
-
-# The paper's finetune.py, character for character: its f-string kept the code's 16-space indent and
-# a stray linter comment after the first sentence.
-PAPER_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request.  # noqa: E501\n\n"
-    "                ### Instruction:\n"
-    "                What is 2 + 3?\n"
-    "                \n"
-    "                ### Response:\n"
-    "                The answer is 5."
-)
-PAPER_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.  # noqa: E501\n\n"
-    "                ### Instruction:\n"
-    "                Add the numbers.\n"
-    "                \n"
-    "                ### Input:\n"
-    "                2 and 3\n"
-    "                \n"
-    "                ### Response:\n"
-    "                5"
-)
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request.\n\n### Instruction:\nWhat is 2 + 3?\n\n### Response:\n"
-)
-
-
-def test_the_papers_template_byte_for_byte() -> None:
-    assert generate_prompt("What is 2 + 3?", "", "The answer is 5.") == PAPER_NO_INPUT
-    assert generate_prompt("Add the numbers.", "2 and 3", "5") == PAPER_WITH_INPUT
-    assert generate_prompt("What is 2 + 3?", None, None) == PAPER_NO_INPUT.removesuffix("The answer is 5.")
-    assert generate_prompt("What is 2 + 3?", template="alpaca") == ALPACA_NO_INPUT
 
 
 def test_every_task_resolves_to_its_folder(shared_data: Path) -> None:
@@ -73,7 +39,7 @@ RECORD = {"instruction": "What is 2 + 3?", "input": "", "output": "The answer is
 
 def test_labels_copy_the_ids_when_training_on_inputs(byte_tok) -> None:
     ex = tokenize_example(RECORD, byte_tok, cutoff_len=512, train_on_inputs=True)
-    full = byte_tok(PAPER_NO_INPUT)["input_ids"]
+    full = byte_tok(FINETUNE_NO_INPUT)["input_ids"]
     assert ex["input_ids"] == [*full, byte_tok.eos_token_id]
     assert ex["labels"] == ex["input_ids"]
     assert ex["attention_mask"] == [1] * len(ex["input_ids"])
@@ -81,7 +47,7 @@ def test_labels_copy_the_ids_when_training_on_inputs(byte_tok) -> None:
 
 def test_labels_mask_the_prompt_when_not_training_on_inputs(byte_tok) -> None:
     ex = tokenize_example(RECORD, byte_tok, cutoff_len=512, train_on_inputs=False)
-    n_prompt = len(byte_tok(PAPER_NO_INPUT.removesuffix("The answer is 5."))["input_ids"])
+    n_prompt = len(byte_tok(FINETUNE_NO_INPUT.removesuffix("The answer is 5."))["input_ids"])
     assert ex["labels"][:n_prompt] == [-100] * n_prompt
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
     assert byte_tok.decode(ex["labels"][n_prompt:-1]) == "The answer is 5."
@@ -145,6 +111,34 @@ def test_leakage_guard_catches_a_planted_overlap(tmp_path: Path, byte_tok, share
     allowed = build_train_data(spec.model_copy(update={"allow_leakage": True}), byte_tok, seed=0,
                                cache_dir=tmp_path / "c")
     assert allowed.stats["train_examples"] == 23
+
+
+def test_math_10k_is_refused_with_the_mawps_sets_it_contains() -> None:
+    """The reference's announcement: math_10k holds MAWPS training data, hence AddSub, MultiArith, SingleEq."""
+    for leaked in ("addsub", "multiarith", "singleeq"):
+        with pytest.raises(ValidationError, match=f"math_10k contains the {leaked} test questions"):
+            DataSpec(train="math_10k", eval=["gsm8k", leaked])
+    assert DataSpec(train="math_10k", eval=["gsm8k", "aqua", "mawps", "svamp"]).eval[2] == "mawps"
+    assert DataSpec(train="math_10k", eval=["addsub"], allow_leakage=True).allow_leakage
+    for clean in ("math_7k", "math_14k"):
+        assert DataSpec(train=clean, eval=["addsub", "multiarith", "singleeq"]).train == clean
+
+
+@pytest.mark.parametrize("name", ["math_7k", "math_14k"])
+def test_math_7k_and_14k_train_and_keep_the_guard(name: str, tmp_path: Path, byte_tok, shared_data: Path) -> None:
+    root = tmp_path / "root"
+    (root / "ft-training_set").mkdir(parents=True)
+    (root / "dataset").symlink_to(shared_data / "dataset")
+    _write(root / "ft-training_set" / f"{name}.json", _arith(12))
+    spec = DataSpec(train=name, eval=["addsub", "singleeq"], data_root=str(root), val_set_size=0)
+    built = build_train_data(spec, byte_tok, seed=0, cache_dir=tmp_path / "c")
+    assert built.stats["train_examples"] == 12
+    assert built.stats["train_file"] == str(root / "ft-training_set" / f"{name}.json")
+    # The content check stays on: a planted AddSub question still fails the run.
+    planted = load_records(task_file("addsub", shared_data))[0]["instruction"]
+    _write(root / "ft-training_set" / f"{name}.json", [*_arith(12), {**_arith(1)[0], "instruction": planted}])
+    with pytest.raises(ConfigError, match="1 training instructions also appear in the addsub test set"):
+        build_train_data(spec, byte_tok, seed=0, cache_dir=tmp_path / "c")
 
 
 def test_epoch_order_is_deterministic_and_complete() -> None:

@@ -135,3 +135,38 @@ def test_eval_cli_bad_input(extra, needle, shared_data: Path, tmp_path: Path, mo
     code, _, err = run_cli(args, monkeypatch, capsys)
     assert code == 2 and needle in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("extra", "budget"), [([], {"gsm8k": 256, "boolq": 32}),
+                                               (["--max-new-tokens", "8"], {"gsm8k": 8, "boolq": 8})])
+def test_eval_cli_budget_is_the_trials(extra, budget, shared_data: Path, monkeypatch, capsys) -> None:
+    """`adaptune eval` without --max-new-tokens generates what a trial would: 256 math, 32 commonsense."""
+    from workers.data import task
+    from workers.evaluate import new_tokens
+
+    class Reached(Exception):
+        pass
+
+    seen: dict[str, int] = {}
+
+    def record(net, tok, names, spec, **_):
+        seen.update({name: new_tokens(spec, task(name)) for name in names})
+        raise Reached
+
+    monkeypatch.setattr("workers.evaluate.evaluate", record)
+    folder = str(REPO / "sweeps" / "models" / "tiny-llama")
+    with pytest.raises(Reached):
+        run_cli(["eval", "--model", folder, "--random-init", "--tokenizer", "byte", "--tasks", "gsm8k,boolq",
+                 "--data-root", str(shared_data), *extra], monkeypatch, capsys)
+    assert seen == budget
+
+
+def test_generation_budget_is_the_references_per_kind_of_set() -> None:
+    """evaluate.py generates 256 new tokens (math), commonsense_evaluate.py 32; a spec's number wins."""
+    from workers.data import task
+    from workers.evaluate import new_tokens
+
+    assert [new_tokens(EvalSpec(), task(t)) for t in ("gsm8k", "aqua", "mawps", "boolq", "piqa", "obqa")] == [
+        256, 256, 256, 32, 32, 32]
+    assert new_tokens(EvalSpec(protocol="paper"), task("hellaswag")) == 32
+    assert new_tokens(EvalSpec(max_new_tokens=8), task("gsm8k")) == 8

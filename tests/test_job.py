@@ -278,3 +278,56 @@ def test_resuming_with_another_spec_is_refused(workdir, tmp_path, monkeypatch, c
     code, _, err = run_cli(["trial", str(spec_file), "--tracking-uri", f"sqlite:///{tmp_path}/ml.db",
                          "--checkpoint-dir", str(ckpt)], monkeypatch, capsys)
     assert code == 2 and "adapter.rank" in err and "train.lr" in err
+
+
+# Validation losses by step, scripted so that the lowest (2.0) comes at step 5, in the middle of the
+# run, and step 7 ties it: the earlier adapter must stay (the reference's Trainer keeps the first best).
+SCRIPTED_VAL_LOSS = {1: 5.0, 2: 4.0, 3: 2.5, 4: 3.0, 5: 2.0, 6: 2.2, 7: 2.0, 8: 3.0, 9: 4.0, 10: 5.0}
+
+
+def _scripted_validation(monkeypatch) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    """Give every validation its scripted loss; record (step, adapter weights) at each."""
+    from workers import train
+    from workers.adapters.base import adapter_parameters
+
+    seen: list[tuple[int, dict[str, torch.Tensor]]] = []
+    original = train.Trainer.validation_loss
+
+    def scripted(self):
+        assert original(self) > 0  # the real pass still runs
+        seen.append((self.global_step, {n: p.detach().clone() for n, p in adapter_parameters(self.engine.module)}))
+        return SCRIPTED_VAL_LOSS[self.global_step]
+
+    monkeypatch.setattr(train.Trainer, "validation_loss", scripted)
+    return seen
+
+
+@pytest.mark.slow
+def test_load_best_saves_the_adapter_of_the_lowest_validation_loss(workdir, tmp_path, monkeypatch) -> None:
+    spec = parse_trial_spec(spec_for(workdir, adapter=ADAPTERS["series"], epochs=2, eval_every=1, save_every=3,
+                                     load_best=True))
+    seen = _scripted_validation(monkeypatch)
+    result = run_trial(spec, MemoryTracker(), tmp_path / "straight")
+    assert result.status == TrialStatus.SUCCEEDED, result.error
+    assert [step for step, _ in seen] == list(range(1, 11))  # 40 examples / batch 8 = 5 steps, 2 epochs
+    assert result.metrics["val_loss"] == 2.0
+    best, last = dict(seen)[5], dict(seen)[10]
+    saved = load_file(str(result.adapter_dir / "adapter.safetensors"))
+    assert set(best) <= set(saved)
+    for name, tensor in best.items():
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0)
+    assert any(not torch.equal(saved[n], t) for n, t in last.items())  # training moved on after step 5
+    assert any(not torch.equal(dict(seen)[7][n], t) for n, t in best.items())  # the tie is another adapter
+
+    # Stopped after step 6 (a checkpoint there; the best, step 5, on disk), then resumed: steps 7-10
+    # bring no lower loss, and the resumed run ends on the first run's best.
+    seen.clear()
+    calls = iter(range(1, 100))
+    stopped = run_trial(spec, MemoryTracker(), tmp_path / "resumed", should_stop=lambda: next(calls) == 6)
+    assert stopped.status == TrialStatus.CANCELLED and [step for step, _ in seen] == list(range(1, 7))
+    resumed = run_trial(spec, MemoryTracker(), tmp_path / "resumed")
+    assert resumed.status == TrialStatus.SUCCEEDED, resumed.error
+    assert [step for step, _ in seen] == list(range(1, 11)) and resumed.metrics["val_loss"] == 2.0
+    again = load_file(str(resumed.adapter_dir / "adapter.safetensors"))
+    for name in saved:
+        torch.testing.assert_close(again[name], saved[name], rtol=0, atol=1e-6)

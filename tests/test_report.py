@@ -1,4 +1,4 @@
-"""The sweep report: intervals over seeds, the Pareto front, the paired bootstrap, files, the command.
+"""The sweep report: intervals over seeds, the Pareto front, best vs runner-up, files, the command.
 
 The store is a real MLflow sqlite store filled through the worker's own `MlflowTracker`, with
 per-question predictions drawn at random: every expected number is recomputed here from those inputs.
@@ -22,7 +22,6 @@ from orchestrator.report import (
     collect,
     configuration_rows,
     mean_interval,
-    paired_bootstrap,
     pareto_front,
     verdict,
 )
@@ -124,24 +123,6 @@ def test_pareto_front_matches_the_definition() -> None:
     assert costs == sorted(costs) and scores == sorted(scores)  # more parameters buy more accuracy
 
 
-def test_paired_bootstrap_finds_a_small_gap_on_the_same_questions() -> None:
-    rng = np.random.default_rng(0)
-    other = (rng.random(400) < 0.5).astype(float)
-    best = other.copy()
-    # Right on every question `other` gets, and 12 more: 3 points, which unpaired noise (~3.5 points
-    # of standard error on 400 questions each) would hide, and pairing shows.
-    best[np.flatnonzero(other == 0)[:12]] = 1.0
-    result = paired_bootstrap({"t": best}, {"t": other}, resamples=4000)
-    assert result.delta == pytest.approx(12 / 400)
-    assert result.low > 0 and result.significant
-    assert result.p_value < 0.01
-    swapped = paired_bootstrap({"t": other}, {"t": best}, resamples=4000)
-    assert swapped.delta == pytest.approx(-result.delta)
-    assert swapped.high < 0 and not swapped.significant
-    same = paired_bootstrap({"t": best, "u": other}, {"t": best, "u": other}, resamples=500)
-    assert (same.delta, same.low, same.high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
-
-
 def test_configurations_group_seeds_with_their_intervals(store: dict) -> None:
     summary = collect(MlflowTrials(store["uri"], store["parent"]), resamples=2000)
     by_label = {c.label: c for c in summary.configurations}
@@ -169,11 +150,12 @@ def test_bootstrap_of_best_vs_runner_up_uses_the_shared_questions(store: dict) -
     best, runner_up = summary.ranked[:2]
     assert best.label == "lora-r8-qv"
     a, b = store["answers"][best.label], store["answers"][runner_up.label]
-    # Each question's correctness averaged over the seeds, then the mean over tasks of the gap.
+    # The gap over the shared seeds and questions, averaged per task, then over tasks.
     expected = np.mean([np.mean(np.mean([r[t] for r in a], axis=0) - np.mean([r[t] for r in b], axis=0))
                         for t in TASKS])
     assert summary.bootstrap.delta == pytest.approx(expected)
-    assert summary.bootstrap.questions == sum(TASKS.values())
+    assert summary.bootstrap.questions == sum(TASKS.values()) and summary.bootstrap.seeds == 3
+    assert summary.chosen_on == "validation loss"  # every trial logged val_loss
     assert summary.bootstrap.low <= summary.bootstrap.delta <= summary.bootstrap.high
     assert summary.bootstrap.significant  # 0.85 vs 0.60 on 200 questions x 3 seeds
     assert verdict(summary).startswith(f"lora-r8-qv beats the runner-up {runner_up.label}")
@@ -197,7 +179,8 @@ def test_report_files(store: dict, tmp_path: Path) -> None:
         top["accuracy/macro ci95 high"])
     assert top["seeds"] == "0 1 2 3" and top["finished"] == "3" and top["trainable_params"] == "4096"
     comparison = json.loads((out / "comparison.json").read_text())
-    assert comparison["best"] == "lora-r8-qv" and comparison["bootstrap"]["p_value"] < 0.05
+    assert comparison["best"] == "lora-r8-qv" and comparison["comparison"]["p_value"] < 0.05
+    assert comparison["chosen_on"] == "validation loss" and 0 <= comparison["comparison"]["t_p_value"] < 0.05
 
 
 def test_rows_without_a_second_configuration_say_so(store: dict) -> None:

@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from workers.errors import ConfigError
+from workers.prompts import Template, training_prompt
 
 if TYPE_CHECKING:
     from workers.spec import DataSpec
@@ -157,45 +158,6 @@ def load_records(path: Path, required: Sequence[str] = ("instruction", "answer")
     return ds
 
 
-# --- the prompt -----------------------------------------------------------------------------------------------
-
-# The paper's template, byte for byte as its finetune.py and evaluate.py produce it: the code's
-# indentation and a stray linter comment (`_STRAY`) ended up inside the f-string, and the published adapters
-# were trained on exactly this text, so `paper` keeps it. `alpaca` is the clean Alpaca template.
-_STRAY = "# " + "noqa: E501"  # kept verbatim; split so that linters do not read it as a directive
-_PAPER_HEAD_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.  " + _STRAY + "\n\n"
-)
-_PAPER_HEAD = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.  " + _STRAY + "\n\n"
-)
-_INDENT = " " * 16
-
-Template = Literal["paper", "alpaca"]
-
-
-def generate_prompt(
-    instruction: str, input: str | None = None, output: str | None = None, template: Template = "paper"
-) -> str:
-    """The prompt of one record; with `output` None or empty it ends where the response starts."""
-    output = output or ""
-    if template == "paper":
-        i = _INDENT
-        if input:
-            return (
-                f"{_PAPER_HEAD_INPUT}{i}### Instruction:\n{i}{instruction}\n{i}\n"
-                f"{i}### Input:\n{i}{input}\n{i}\n{i}### Response:\n{i}{output}"
-            )
-        return f"{_PAPER_HEAD}{i}### Instruction:\n{i}{instruction}\n{i}\n{i}### Response:\n{i}{output}"
-    head = _PAPER_HEAD_INPUT if input else _PAPER_HEAD
-    head = head.replace("  " + _STRAY, "")
-    if input:
-        return f"{head}### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
-    return f"{head}### Instruction:\n{instruction}\n\n### Response:\n{output}"
-
-
 def tokenize_example(
     record: dict[str, Any],
     tokenizer: PreTrainedTokenizerBase,
@@ -203,16 +165,17 @@ def tokenize_example(
     train_on_inputs: bool,
     template: Template = "paper",
 ) -> dict[str, list[int]]:
-    """input_ids, attention_mask and labels of one training record, as the paper tokenises it.
+    """input_ids, attention_mask and labels of one training record, as the paper's finetune.py tokenises it.
 
-    The full prompt is truncated at `cutoff_len`, EOS appended when there is room; labels copy the
-    ids, and with `train_on_inputs` false the prompt part is masked out (-100).
+    The text is the training template (`workers.prompts.training_prompt`). The full prompt is truncated
+    at `cutoff_len`, EOS appended when there is room; labels copy the ids, and with `train_on_inputs`
+    false the prompt part (the same template with an empty output) is masked out (-100).
     """
-    full = generate_prompt(record["instruction"], record.get("input"), record.get("output"), template)
+    full = training_prompt(record["instruction"], record.get("input"), record.get("output"), template)
     ids = _tokenize(tokenizer, full, cutoff_len, add_eos=True)
     labels = list(ids)
     if not train_on_inputs:
-        prompt = generate_prompt(record["instruction"], record.get("input"), None, template)
+        prompt = training_prompt(record["instruction"], record.get("input"), None, template)
         n_prompt = len(_tokenize(tokenizer, prompt, cutoff_len, add_eos=False))
         labels[:n_prompt] = [-100] * n_prompt
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "length": len(ids)}
@@ -277,7 +240,7 @@ def build_train_data(
     """Load, check, split and tokenise the training set of `spec`; tokenised sets are cached on disk.
 
     The cache key is the file's content hash, the tokenizer, `cutoff_len`, `train_on_inputs`, the
-    template, `limit_train`, `val_set_size` and `seed`: a second call with the same inputs loads the
+    template's text, `limit_train`, `val_set_size` and `seed`: a second call with the same inputs loads the
     tokenised Arrow files and calls the tokenizer on nothing.
     """
     if spec.train is None:
@@ -304,7 +267,8 @@ def build_train_data(
     cache.mkdir(parents=True, exist_ok=True)
     key = _fingerprint(
         hashlib.sha256(path.read_bytes()).hexdigest(), _tokenizer_fingerprint(tokenizer), spec.cutoff_len,
-        spec.train_on_inputs, spec.template, spec.limit_train, spec.val_set_size, seed,
+        spec.train_on_inputs, training_prompt("{i}", "{n}", "{o}", spec.template),
+        training_prompt("{i}", None, "{o}", spec.template), spec.limit_train, spec.val_set_size, seed,
     )
 
     def tokenise(ds: datasets.Dataset, part: str) -> datasets.Dataset:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from workers.data import Template, custom_task, generate_prompt, is_custom, load_records, task, task_file
+from workers.data import Task, custom_task, is_custom, load_records, task, task_file
+from workers.prompts import Template, evaluation_prompt
 from workers.scoring import extract, is_correct
 
 if TYPE_CHECKING:
@@ -141,6 +142,14 @@ def generate_paper(
     return outputs, generated
 
 
+def new_tokens(spec: EvalSpec, info: Task) -> int:
+    """The generation budget: the spec's, else the reference's, 256 for numbers and letters (math,
+    evaluate.py) and 32 for answer words (commonsense, commonsense_evaluate.py)."""
+    if spec.max_new_tokens is not None:
+        return spec.max_new_tokens
+    return 32 if info.kind == "choice" else 256
+
+
 def _write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w") as fh:
@@ -162,6 +171,8 @@ def evaluate(
 ) -> EvalResult:
     """Accuracy of `model` on each task; predictions as JSON lines in `out_dir/<task>.jsonl`.
 
+    Questions are asked with the evaluation template (`workers.prompts.evaluation_prompt`), as the
+    paper's evaluate.py and commonsense_evaluate.py ask them.
     Every task file is read and checked before the first generation, so a bad file fails fast.
     """
     files = {name: task_file(name, root) for name in tasks}
@@ -175,11 +186,12 @@ def evaluate(
         rows = records[name]
         if spec.limit is not None:
             rows = rows.select(range(min(spec.limit, len(rows))))
-        prompts = [generate_prompt(r["instruction"], r.get("input"), None, template) for r in rows]
+        prompts = [evaluation_prompt(r["instruction"], r.get("input"), template) for r in rows]
+        budget = new_tokens(spec, info)
         if spec.protocol == "paper":
-            ids, n = generate_paper(model, tokenizer, prompts, spec.max_new_tokens)
+            ids, n = generate_paper(model, tokenizer, prompts, budget)
         else:
-            ids, n = generate_greedy(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size)
+            ids, n = generate_greedy(model, tokenizer, prompts, budget, spec.batch_size)
         result.generated_tokens += n
         predictions = []
         for index, (record, prompt, gen_ids) in enumerate(zip(rows, prompts, ids, strict=True)):

@@ -8,6 +8,7 @@ Given a `checkpoint_dir` that holds a checkpoint of the same spec, the trial res
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,18 +111,23 @@ def _run(
     from workers.adapters.registry import count_parameters, finalize, inject
     from workers.data import build_train_data, data_root
     from workers.evaluate import evaluate
-    from workers.model_loading import build_model, load_tokenizer
+    from workers.model_loading import build_model, eight_bit_config, load_tokenizer
     from workers.provenance import provenance
     from workers.train import Trainer, resolve_precision, seed_everything
 
     on_gpu = torch.cuda.is_available()
     dtype = resolve_precision(spec.train.precision, on_gpu)
+    if spec.load_in_8bit:
+        eight_bit_config()  # no GPU or no bitsandbytes: refused before any data work
     info = provenance()
     tokenizer = load_tokenizer(spec.tokenizer or spec.model, spec.trust_remote_code)
     data = build_train_data(spec.data, tokenizer, spec.seed)
     seed_everything(spec.seed)
+    # An 8-bit base is quantized as it loads, on this rank's GPU; any other loads on the CPU and the trainer moves it.
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if spec.load_in_8bit else "cpu"
     model = build_model(spec.model, overrides=spec.model_overrides, random_init=spec.random_init,
-                        trust_remote_code=spec.trust_remote_code, dtype=dtype, seed=spec.seed)
+                        trust_remote_code=spec.trust_remote_code, dtype=dtype, device=device, seed=spec.seed,
+                        load_in_8bit=spec.load_in_8bit)
     inject(model, spec.adapter)
     counts = count_parameters(model)
     trainer = Trainer(model, tokenizer.pad_token_id, data, spec, checkpoint_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -43,6 +45,16 @@ def load_model_config(
     return config
 
 
+def eight_bit_config() -> BitsAndBytesConfig:
+    """transformers' LLM.int8() quantization (Dettmers et al.): W ≈ s · W_int8 per row, outlier
+    features in fp16; or a `ConfigError` naming `load_in_8bit` where it cannot run."""
+    if not torch.cuda.is_available():
+        raise ConfigError(None, "load_in_8bit", "8-bit loading (bitsandbytes) needs a CUDA GPU; this machine has none")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(None, "load_in_8bit", "8-bit loading needs the bitsandbytes package, not installed here")
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def build_model(
     model: str,
     *,
@@ -52,14 +64,25 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    load_in_8bit: bool = False,
 ) -> PreTrainedModel:
-    """A causal LM: pretrained weights, or random ones from its config (`random_init`, or `device="meta"`)."""
+    """A causal LM: pretrained weights, or random ones from its config (`random_init`, or `device="meta"`).
+
+    `load_in_8bit` loads the pretrained linears in 8-bit straight onto `device` (a CUDA device);
+    the other weights keep `dtype`.
+    """
+    quantization = eight_bit_config() if load_in_8bit else None
     config = load_model_config(model, overrides, trust_remote_code)
     if random_init or str(device) == "meta":
         torch.manual_seed(seed)
         with torch.device(device):
             net = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         return net
+    if quantization is not None:
+        return AutoModelForCausalLM.from_pretrained(
+            model, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+            quantization_config=quantization, device_map={"": torch.device(device)},
+        )
     net = AutoModelForCausalLM.from_pretrained(
         model, config=config, dtype=dtype, trust_remote_code=trust_remote_code
     )

@@ -22,6 +22,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Test sets a named training set is built from, by its makers' word (LLM-Adapters README, "Special
+# Announcement"): math_10k holds MAWPS training data, and MAWPS holds AddSub, MultiArith and SingleEq;
+# math_7k and math_14k are math_10k without the MAWPS part. math_data (the repository's first math set)
+# repeats 80% of every math test set (SOURCE.md of the shared data).
+CONTAINS: dict[str, frozenset[str]] = {
+    "math_10k": frozenset({"addsub", "multiarith", "singleeq"}),
+    "math_data": frozenset({"gsm8k", "svamp", "aqua", "addsub", "multiarith", "singleeq", "mawps"}),
+}
+
+
 class DataSpec(_Section):
     """Training and evaluation data, in the paper's instruction/input/output/answer JSON format."""
 
@@ -30,12 +40,24 @@ class DataSpec(_Section):
     data_root: str | None = Field(None, description="folder of the data sets; else $ADAPTUNE_DATA")
     cutoff_len: int = Field(256, gt=0)
     train_on_inputs: bool = True
-    template: Literal["paper", "alpaca"] = Field("paper", description="paper = the paper's exact prompt text")
+    template: Literal["paper", "alpaca"] = Field(
+        "paper", description="paper: the reference's texts, finetune.py's for training, evaluate.py's for tests")
     val_set_size: int = Field(120, ge=0)
     limit_train: int | None = Field(None, gt=0, description="use only the first N training examples")
     group_by_length: bool = False
     packing: bool = False
     allow_leakage: bool = False
+
+    @model_validator(mode="after")
+    def _no_known_leak(self) -> DataSpec:
+        """A test set the training set is known to contain is refused before any file is read."""
+        leaked = sorted(CONTAINS.get(self.train or "", frozenset()) & set(self.eval))
+        if leaked and not self.allow_leakage:
+            raise ValueError(
+                f"{self.train} contains the {', '.join(leaked)} test questions (its makers' announcement); "
+                "evaluate other sets, train on math_7k or math_14k, or set data.allow_leakage: true"
+            )
+        return self
 
 
 class TrainSpec(_Section):
@@ -57,6 +79,7 @@ class TrainSpec(_Section):
     eval_every: int = Field(200, gt=0, description="validation loss every M optimizer steps")
     save_every: int = Field(200, gt=0, description="checkpoint every K optimizer steps")
     keep_checkpoints: int = Field(2, gt=0)
+    load_best: bool = Field(False, description="end on the adapter of the lowest validation loss (ZeRO 0-2)")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainSpec:
@@ -64,6 +87,8 @@ class TrainSpec(_Section):
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
             )
+        if self.load_best and self.zero_stage == 3:
+            raise ValueError("load_best needs whole adapter parameters on every rank: zero_stage 0, 1 or 2")
         return self
 
 
@@ -72,7 +97,9 @@ class EvalSpec(_Section):
 
     protocol: Literal["batched", "paper"] = Field("batched", description="paper = batch 1, beam search 4")
     scoring: Literal["paper", "strict"] = "paper"
-    max_new_tokens: int = Field(256, gt=0)
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="None: the reference's, 256 for math sets (evaluate.py), 32 for the others "
+                                "(commonsense_evaluate.py)")
     batch_size: int = Field(32, gt=0)
     limit: int | None = Field(None, gt=0, description="evaluate only the first N questions of each set")
 
@@ -86,11 +113,29 @@ class TrialSpec(_Section):
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="config fields to override")
     tokenizer: str | None = Field(None, description="hub id or folder; `byte` for the built-in byte tokenizer")
     trust_remote_code: bool = False
+    load_in_8bit: bool = Field(
+        False, description="the frozen base in 8-bit (bitsandbytes LLM.int8(), the reference's --load_8bit); "
+                           "needs a CUDA GPU and bitsandbytes where the trial runs")
     adapter: AdapterSpec
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _best_needs_validation(self) -> TrialSpec:
+        if self.train.load_best and self.data.val_set_size == 0:
+            raise ValueError("train.load_best chooses by validation loss: give data.val_set_size > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _eight_bit_base(self) -> TrialSpec:
+        """Refused here whatever the machine; CUDA and bitsandbytes are checked where the model loads."""
+        if self.load_in_8bit and self.random_init:
+            raise ValueError("load_in_8bit quantizes pretrained weights; random_init has none")
+        if self.load_in_8bit and self.train.zero_stage == 3:
+            raise ValueError("load_in_8bit: ZeRO-3 cannot partition 8-bit weights; use zero_stage 0, 1 or 2")
+        return self
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

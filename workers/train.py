@@ -10,6 +10,7 @@ run continues exactly where the interrupted one was.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import resource
@@ -127,6 +128,44 @@ def _prune(checkpoint_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class BestAdapter:
+    """The adapter of the lowest validation loss so far, on disk beside the checkpoints (a resume keeps it).
+
+    `train.load_best` is the reference's `load_best_model_at_end` (finetune.py, on whenever
+    val_set_size > 0): training ends by putting these weights back, and its val_loss is theirs.
+    """
+
+    def __init__(self, stem: Path) -> None:
+        self.weights, self.meta = stem.with_suffix(".pt"), stem.with_suffix(".json")
+
+    def loss(self) -> float | None:
+        return json.loads(self.meta.read_text())["val_loss"] if self.meta.is_file() else None
+
+    def offer(self, trainer: Trainer, val_loss: float) -> None:
+        best = self.loss()
+        if best is not None and best <= val_loss:
+            return
+        from workers.adapters.base import adapter_parameters
+
+        state = {n: p.detach().cpu().clone() for n, p in adapter_parameters(trainer.engine.module)}
+        if trainer.rank == 0:
+            torch.save(state, self.weights)
+            tmp = self.meta.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"val_loss": val_loss, "step": trainer.global_step}))
+            os.replace(tmp, self.meta)
+        dist.barrier()
+
+    def restore(self, trainer: Trainer) -> float:
+        """Copy the best weights into the adapter; returns their validation loss."""
+        from workers.adapters.base import adapter_parameters
+
+        state = torch.load(self.weights, weights_only=True)
+        with torch.no_grad():
+            for name, param in adapter_parameters(trainer.engine.module):
+                param.copy_(state[name])
+        return float(self.loss())
+
+
 class Trainer:
     """A DeepSpeed engine over an injected model, with the paper's schedule and exact resume."""
 
@@ -155,7 +194,8 @@ class Trainer:
         self.total_steps = spec.train.max_steps or max(1, int(spec.train.epochs * self.steps_per_epoch))
         if spec.train.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.to(self.device)
+        if not getattr(model, "is_loaded_in_8bit", False):  # an 8-bit base loads onto its GPU
+            model.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         warmup, total = spec.train.warmup_steps, self.total_steps
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -170,6 +210,7 @@ class Trainer:
         self.losses: list[tuple[int, float]] = []
         self.last_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
+        self.best = BestAdapter(checkpoint_dir / "best-adapter") if spec.train.load_best else None
 
     def _epoch_order(self, epoch: int) -> tuple[list, int]:
         """This rank's micro-batches of `epoch`, and the optimizer steps the epoch holds."""
@@ -293,6 +334,8 @@ class Trainer:
                     val = self.validation_loss()
                     if val is not None:
                         metrics["val_loss"] = self.last_val_loss = val
+                        if self.best is not None:
+                            self.best.offer(self, val)
                 stop = should_stop is not None and should_stop()
                 # Metrics go out before the checkpoint that covers their step: a crash between the
                 # two replays the step on resume instead of losing its record.
@@ -307,6 +350,8 @@ class Trainer:
             if self.position >= len(mine):
                 self.epoch, self.position = self.epoch + 1, 0
         self.tokens += int(self._sum_over_ranks(window_tokens)[0])
+        if self.best is not None and not cancelled and self.best.loss() is not None:
+            self.last_val_loss = self.best.restore(self)
         return TrainOutcome(
             global_step=self.global_step, total_steps=self.total_steps,
             final_loss=self.losses[-1][1] if self.losses else float("nan"), tokens=self.tokens,

@@ -36,14 +36,20 @@ INPUT_SIDE = ("q", "k", "v", "qkv", "gate", "up")
 
 
 class Bottleneck(AdapterLayer):
-    """f(x) = s · (W_up · act(W_down · dropout(x) + b_down) + b_up)."""
+    """f(x) = s · (W_up · act(W_down · dropout(x) + b_down) + b_up).
+
+    With `float32` set (`compute_dtype: float32`, the default) and a half-precision x, the projections
+    run in float32 on x and weights cast up, and the result returns to x's dtype before the scale, as the reference's
+    bottleneck.py: f(x) = cast(W_up · act(W_down · x)) · s.
+    """
 
     def __init__(
-        self, down: nn.Linear, up: nn.Linear, act: nn.Module, dropout: nn.Module, scale: float | nn.Parameter
+        self, down: nn.Linear, up: nn.Linear, act: nn.Module, dropout: nn.Module, scale: float | nn.Parameter,
+        float32: bool = True,
     ) -> None:
         super().__init__()
         self.dropout, self.down, self.act, self.up = dropout, down, act, up
-        self.scale = scale
+        self.scale, self.float32 = scale, float32
 
     @classmethod
     def build(cls, opts: BottleneckOptions, d_in: int, d_out: int, like: torch.Tensor, **extra: Any) -> Bottleneck:
@@ -65,7 +71,8 @@ class Bottleneck(AdapterLayer):
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
         scale = nn.Parameter(torch.ones((), **kw)) if opts.scaling == "learned" else float(opts.scaling)
-        return cls(down, up, ACTIVATIONS[opts.activation](), nn.Dropout(opts.dropout), scale, **extra)
+        act, dropout = ACTIVATIONS[opts.activation](), nn.Dropout(opts.dropout)
+        return cls(down, up, act, dropout, scale, opts.compute_dtype == "float32", **extra)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_down, W_up) as this forward uses them."""
@@ -73,7 +80,13 @@ class Bottleneck(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w_down, w_up = self.weights()
-        return self.scale * F.linear(self.act(F.linear(self.dropout(x), w_down, self.down.bias)), w_up, self.up.bias)
+        b_down, b_up = self.down.bias, self.up.bias
+        if self.float32 and x.dtype.itemsize < 4:  # half precision in, float32 inside
+            w_down, w_up = w_down.float(), w_up.float()
+            b_down, b_up = (None if b is None else b.float() for b in (b_down, b_up))
+            h = F.linear(self.act(F.linear(self.dropout(x.float()), w_down, b_down)), w_up, b_up)
+            return h.to(x.dtype) * self.scale
+        return self.scale * F.linear(self.act(F.linear(self.dropout(x), w_down, b_down)), w_up, b_up)
 
 
 MakeBottleneck = Callable[[int, int, torch.Tensor], nn.Module]

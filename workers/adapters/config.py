@@ -53,6 +53,9 @@ class BottleneckOptions(AdapterConfig):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     init: Literal["paper", "zero"] = Field("paper", description="paper: N(0, 0.02) both; zero: W_up = 0 (identity)")
     bias: bool = False
+    compute_dtype: Literal["float32", "model"] = Field(
+        "float32", description="float32: f runs in float32 and returns in the model's dtype, as the reference; "
+                               "model: f runs in the dtype of its weights")
 
     @field_validator("scaling", mode="before")
     @classmethod
@@ -79,6 +82,8 @@ class BottleneckOptions(AdapterConfig):
             tags.append(f"{self.init[0]}init")
         if self.bias:
             tags.append("bias")
+        if self.compute_dtype != "float32":
+            tags.append(f"{self.compute_dtype}dtype")
         return tags
 
     def short_name(self) -> str:
@@ -116,10 +121,41 @@ class SeriesConfig(BottleneckOptions):
 
 # --- parallel --------------------------------------------------------------------------------------
 
+ParallelForm = Literal["linear", "sublayer", "mixed"]
+
+
+def parallel_form(placement: Sequence[str]) -> ParallelForm:
+    """`linear` when every slot is a linear role, `sublayer` when every slot is attn or mlp."""
+    subs = {s in SUBLAYERS for s in placement}
+    return "mixed" if len(subs) > 1 else "sublayer" if subs == {True} else "linear"
+
+
 class ParallelConfig(BottleneckOptions):
-    """Parallel adapter (He et al.): y = g(x) + f(x) beside a sublayer. Math and injection: parallel.py."""
+    """Parallel adapter: y = W z + b + f(z) beside each named linear (`linear`, the form of the reference
+    code, its comparison tables and default), or y = g(x) + f(x) beside a sublayer g (`sublayer`, He et
+    al.'s). Math and injection: parallel.py.
+
+    `form` follows from the placement; stating it makes a study say which form it means, and a
+    placement of the other form is then an error. Names tell the forms apart: `parallel-b256-ud`
+    (linear), `parallel-sublayer-b256-mlp`.
+    """
 
     type: Literal["parallel"] = "parallel"
+    form: ParallelForm = Field("linear", description="linear (the reference's) | sublayer (He et al.) | mixed")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _form_of_placement(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("placement"), list):
+            form = parallel_form(data["placement"])
+            if data.get("form", form) != form:
+                raise ValueError(f"placement {data['placement']} is the {form} form, not {data['form']}")
+            data = {**data, "form": form}
+        return data
+
+    def short_name(self) -> str:
+        name = super().short_name()
+        return name if self.form == "linear" else name.replace("parallel-", f"parallel-{self.form}-", 1)
 
 
 # --- prefix ----------------------------------------------------------------------------------------

@@ -21,7 +21,12 @@ after tuning. What we chose or changed:
   drawn, not fixed, so that the term stays correct under gradient checkpointing (a recompute
   happens after the call has returned), which means a layer uses the same part in both forwards
   with probability 1/N;
-- the paper's hierarchical sparse strategy is not implemented.
+- 15 of the 18 scripts the authors released (github.com/Theia-4869/MoSA at 286cc0f, `scripts/mosa/`)
+  set `SHARE down`: the down projection stays dense and shared, only the up projection is split
+  (2 split only the down one, 1 both); ours splits both;
+- the paper's hierarchical sparse strategy is not implemented: its definition and schedule are in
+  the paper's method section, which no source reachable here holds (only its abstract), and the
+  authors' code has no trace of it (`SOLVER.MERGE_EPOCH` is declared in its config and never read).
 Masking gradients does not freeze the inactive elements under Adam: their moments (and weight
 decay) still move them, as in any masked training with a stateful optimizer.
 """
@@ -48,9 +53,9 @@ class SparseBottleneck(Bottleneck):
 
     def __init__(
         self, down: nn.Linear, up: nn.Linear, act: nn.Module, dropout: nn.Module, scale: float | nn.Parameter,
-        *, parts: int, generator: torch.Generator,
+        float32: bool = True, *, parts: int, generator: torch.Generator,
     ) -> None:
-        super().__init__(down, up, act, dropout, scale)
+        super().__init__(down, up, act, dropout, scale, float32)
         self.parts = parts
         self.active: int | None = None
         for name, lin in (("down_part", down), ("up_part", up)):
@@ -71,7 +76,7 @@ class SparseBottleneck(Bottleneck):
 
     def merged(self) -> Bottleneck:
         """The dense bottleneck Σ_i W ⊙ M_i = W of all parts, sharing this layer's parameters."""
-        return Bottleneck(self.down, self.up, self.act, self.dropout, self.scale)
+        return Bottleneck(self.down, self.up, self.act, self.dropout, self.scale, self.float32)
 
 
 def _sparse_layers(model: nn.Module) -> list[tuple[str, SparseBottleneck]]:
