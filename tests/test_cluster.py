@@ -138,6 +138,7 @@ def test_a_ray_address_that_refuses_connections_fails_fast() -> None:
     assert error.field == "--address" and "does not answer" in error.message
 
 
+@pytest.mark.slow
 def test_a_listener_that_is_not_ray_fails_fast_instead_of_hanging() -> None:
     # ray.init on such a port waits for minutes; the check gives up after its timeout.
     with socket.socket() as listener:
@@ -341,6 +342,7 @@ def test_a_sweep_submitted_as_a_ray_job(cluster: RayCluster, mlflow_url: str, wo
     assert len(children) == 2
 
 
+@pytest.mark.slow
 def test_adaptune_run_on_a_silent_address_stops_with_one_line(workdir: Path, tmp_path: Path) -> None:
     space = [{"type": "lora", "placement": [["q", "v"]], "rank": 4}]
     sweep = write_sweep(tmp_path, workdir, "silent", f"sqlite:///{tmp_path}/mlflow.db", space)

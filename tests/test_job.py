@@ -63,6 +63,7 @@ def spec_for(workdir: Path, family: str = "llama", adapter: dict | None = None, 
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "bloom"])
 @pytest.mark.parametrize("method", list(ADAPTERS))
 def test_training_lowers_the_loss(method: str, family: str, workdir: Path, tmp_path: Path) -> None:
@@ -80,6 +81,7 @@ def test_training_lowers_the_loss(method: str, family: str, workdir: Path, tmp_p
     assert tracker.status == TrialStatus.SUCCEEDED
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gptj"])
 def test_packed_training_learns_with_less_padding(family: str, workdir: Path, tmp_path: Path) -> None:
     # Answers of 1 to 32 words: examples of 150-350 tokens, so rows of one example carry padding.
@@ -117,6 +119,7 @@ def _curve(workdir: Path, tmp_path: Path, stage: int) -> list[float]:
     return [v for _, v in tracker.metrics["train_loss"]]
 
 
+@pytest.mark.slow
 def test_zero_stages_give_the_same_loss_curve(workdir: Path, tmp_path: Path) -> None:
     reference = _curve(workdir, tmp_path, 0)
     for stage in (2, 3):
@@ -133,6 +136,7 @@ def _write_spec(path: Path, spec: dict) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_doubled_accumulation(workdir: Path, tmp_path: Path) -> None:
     spec = spec_for(workdir, epochs=1, batch_size=8, save_every=100)
     spec_file = _write_spec(tmp_path / "trial.yaml", spec)
@@ -153,6 +157,7 @@ def test_two_processes_equal_one_with_doubled_accumulation(workdir: Path, tmp_pa
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(workdir: Path, tmp_path: Path) -> None:
     spec = spec_for(workdir, adapter=ADAPTERS["series"], epochs=12, save_every=4, log_every=4, eval_every=1000)
     spec_file = _write_spec(tmp_path / "trial.yaml", spec)
@@ -188,6 +193,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(workdir: Path, tmp_path
     assert sorted(set(steps)) == list(range(4, 61, 4))
 
 
+@pytest.mark.slow
 def test_mlflow_run_has_params_metrics_and_artifacts(workdir: Path, tmp_path: Path, shared_data: Path) -> None:
     from mlflow import MlflowClient
 
@@ -269,6 +275,7 @@ def test_unreachable_tracking_uri_fails_before_the_model_loads(workdir, tmp_path
     assert code == 2 and "does not exist" in err
 
 
+@pytest.mark.slow
 def test_resuming_with_another_spec_is_refused(workdir, tmp_path, monkeypatch, capsys) -> None:
     ckpt = tmp_path / "c"
     run_trial(parse_trial_spec(spec_for(workdir, epochs=1)), MemoryTracker(), ckpt)
