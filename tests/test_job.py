@@ -126,6 +126,22 @@ def test_zero_stages_give_the_same_loss_curve(workdir: Path, tmp_path: Path) -> 
         assert _curve(workdir, tmp_path, stage) == pytest.approx(reference, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.parametrize("method", ["prefix", "lora"])
+def test_gradient_checkpointing_gives_the_same_loss_curve(method: str, workdir: Path, tmp_path: Path) -> None:
+    """`train.gradient_checkpointing` on every method: prefix tuning its own way (transformers' drops the
+    cache that carries the prefix), the others transformers'. Packed rows, so 4-D masks go through too."""
+    curves = []
+    for checkpointing in (False, True):
+        spec = spec_for(workdir, adapter=ADAPTERS[method], gradient_checkpointing=checkpointing, max_steps=3)
+        spec["data"]["packing"] = True
+        tracker = MemoryTracker()
+        result = run_trial(parse_trial_spec(spec), tracker, tmp_path / f"checkpointing-{checkpointing}")
+        assert result.status == TrialStatus.SUCCEEDED, result.error
+        curves.append([v for _, v in tracker.metrics["train_loss"]])
+    assert len(curves[0]) == 3
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4, abs=1e-5)
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return env

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
+from workers.adapters.registry import enable_gradient_checkpointing
 from workers.data import TrainData, collate, micro_batches, to_device
 from workers.errors import ConfigError
 from workers.placement import family_for
@@ -193,7 +194,7 @@ class Trainer:
             )
         self.total_steps = spec.train.max_steps or max(1, int(spec.train.epochs * self.steps_per_epoch))
         if spec.train.gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(model, spec.adapter)
         if not getattr(model, "is_loaded_in_8bit", False):  # an 8-bit base loads onto its GPU
             model.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]

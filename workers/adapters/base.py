@@ -36,6 +36,8 @@ class AdapterMethod(Protocol):
 
     # Optional: `finalize(model, config) -> AdapterConfig` puts a trained adapter into the form it is
     # deployed in and returns that form's config (MoSA merges its parts). Without it, nothing changes.
+    # Optional: `enable_gradient_checkpointing(model)` checkpoints the decoder blocks the method's own
+    # way (prefix tuning keeps the cache). Without it, transformers' `activation_checkpointing_enable`.
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:

@@ -2,23 +2,33 @@
 
     attention(q, [P_k; K], [P_v; V])        P_k, P_v: n x kv_dim per layer
 
-The prefix enters through the transformers cache: a forward pre-hook on the family's backbone puts
-P_k, P_v into the `DynamicCache` as if n tokens had been seen before the input, and extends the
-attention mask by n ones on the left (n attending columns in a 4-D mask, such as the block masks
-of packed rows). So training, cached generation and uncached generation all run the model's own
-attention code, on every family.
+The prefix enters through the model's documented inputs only, as PEFT's prefix tuning gives it: a
+forward pre-hook on the family's backbone passes a `Cache` holding P_k, P_v as if n tokens had been
+seen before the input (under the keyword the backbone's forward takes: `past_key_values`, renamed
+`cache` in transformers 5.24), extends the attention mask by n ones on the left (n attending columns
+in a 4-D mask, such as the block masks of packed rows) and places the real tokens after the prefix.
+So training, cached and uncached generation all run the model's own attention code, on every family.
 
-Under gradient checkpointing transformers drops the cache of every checkpointed block (GPT-2 already
-in its backbone loop), which would drop the prefix while the mask still counts it. A pre-hook on
-each attention module hands it a prefix-only cache whenever its cache arrives as None; it reads the
-encoder inside the block, so the backward's recomputation gets the same tensors and the encoder its
-gradient (with `reparametrize`, the MLP then runs once per layer: cheap for n rows).
+Positions: the real tokens of a row take positions n..n+L-1, after the virtual tokens, as in the
+reference (LLM-Adapters' PEFT fork) and PEFT; a prefixed model's logits equal those of PEFT's
+`PrefixTuning` with the same table. Callers never see the prefix: a mask they give covers their own
+tokens, and position ids they give (generate derives them from that mask) count their tokens from 0;
+the hook adds n. Without position ids they come from the extended 2-D mask (cumsum - 1, as generate
+computes them), so a left-padded row computes what it computes alone; without a mask, from the cache
+length. BLOOM has no position ids: its ALiBi distances come from the extended mask, so it sees the
+prefix as n earlier tokens too.
 
-Position ids of the real tokens do not count the prefix: they come from the un-extended attention
-mask (cumsum - 1), exactly as `generate` computes them, so the three paths agree. On families
-without position ids the prefix shifts what the model derives from the mask: BLOOM's ALiBi distances
-and OPT's learned positions (computed from the mask when none are given; we always give them)
-see the prefix as n earlier tokens, consistently in training and generation.
+Which cache: a forward that may be continued gets a `DynamicCache` (the caller's, or a new one) that
+holds the prefix; a training forward (unless it continues a cache it was given) and one with
+`use_cache=False` get a `PrefixCache`, whose `update` returns prefix + new states and stores
+nothing: no state outlives the forward, and recomputing a layer gives the same tensors.
+
+Gradient checkpointing: transformers' own (`GradientCheckpointingLayer`) drops the cache of every
+checkpointed layer in training, and the prefix with it (PEFT refuses prefix tuning with gradient
+checkpointing for that reason); the hook refuses it with a clear error. `enable_gradient_checkpointing`
+instead runs each decoder block's forward under `torch.utils.checkpoint.checkpoint` (non-reentrant)
+with the `PrefixCache` passed in. The encoder runs once per forward, in the hook, outside the blocks;
+its output reaches the blocks through the cache, and its gradient through their recomputation.
 
 `reparametrize: true` produces the prefix with an MLP (embedding n x d -> Linear d->h -> tanh ->
 Linear h -> L·2·kv_dim), as Li & Liang and PEFT's prefix projection do; the MLP is trained and saved.
@@ -27,16 +37,18 @@ Linear h -> L·2·kv_dim), as Li & Liang and PEFT's prefix projection do; the ML
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
 from workers.adapters.base import AdapterLayer
 from workers.adapters.config import PrefixConfig
-from workers.placement import FamilyLayout
+from workers.placement import FamilyLayout, family_for
 
 
 def kv_shape(config: PretrainedConfig) -> tuple[int, int, int]:
@@ -48,7 +60,11 @@ def kv_shape(config: PretrainedConfig) -> tuple[int, int, int]:
 
 
 class PrefixEncoder(AdapterLayer):
-    """The prefix keys and values of every layer: a table, or the output of the reparametrisation MLP."""
+    """The prefix keys and values of every layer: a table, or the output of the reparametrisation MLP.
+
+    The table is n x (L·2·kv_heads·head_dim), columns ordered (layer, key|value, head, dim): PEFT's
+    layout, so PEFT's prefix embedding copies over as it is.
+    """
 
     def __init__(self, config: PretrainedConfig, spec: PrefixConfig, like: torch.Tensor) -> None:
         super().__init__()
@@ -80,7 +96,7 @@ class PrefixEncoder(AdapterLayer):
         ]
 
 
-class _PrefixOnlyLayer(DynamicLayer):
+class _PrefixLayer(DynamicLayer):
     """A cache layer holding the prefix only: `update` returns prefix + new states and stores nothing."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -88,71 +104,91 @@ class _PrefixOnlyLayer(DynamicLayer):
         self.lazy_initialization(keys, values)
         self.keys, self.values = keys, values
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
-class PrefixOnlyCache(Cache):
-    """The prefix as a cache that stores nothing: what a checkpointed attention gets instead of None."""
+class PrefixCache(Cache):
+    """The prefix as a cache that stores nothing: what a forward that is not continued gets.
+
+    Every layer's `update` is a pure function of its inputs, so a layer recomputed under gradient
+    checkpointing sees exactly what its first run saw, and a second forward starts from the prefix again.
+    """
 
     def __init__(self, key_values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        super().__init__(layers=[_PrefixOnlyLayer(k, v) for k, v in key_values])
-
-
-class AttentionPrefixHook:
-    """Pre-hook of one attention module: the prefix back when its cache was dropped (checkpointing)."""
-
-    def __init__(self, encoder: PrefixEncoder, attention: nn.Module) -> None:
-        self.encoder = encoder
-        params = inspect.signature(attention.forward).parameters
-        self.name = next(name for name in ("past_key_values", "layer_past") if name in params)
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        # Every family passes the cache to its attention by keyword.
-        if kwargs.get(self.name) is None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kwargs[self.name] = PrefixOnlyCache(self.encoder.key_values(hidden.shape[0]))
-        return args, kwargs
+        super().__init__(layers=[_PrefixLayer(k, v) for k, v in key_values])
 
 
 class PrefixHook:
-    """Forward pre-hook of the backbone that injects the prefix into the cache and the mask."""
+    """Forward pre-hook of the backbone: the prefix as its cache, its mask extended, its positions shifted."""
 
     def __init__(self, encoder: PrefixEncoder, config: PretrainedConfig, accepts: set[str]) -> None:
-        self.encoder, self.config, self.accepts = encoder, config, accepts
+        self.encoder, self.config = encoder, config
+        # The backbone's documented cache input; transformers 5.24 renamed it.
+        self.cache_name = "cache" if "cache" in accepts else "past_key_values"
+        self.with_positions = "position_ids" in accepts
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        if module.training and module.is_activation_checkpointing:
+            raise RuntimeError(
+                "transformers' gradient checkpointing drops the cache, and with it the prefix: enable it for a "
+                "prefix model with workers.adapters.registry.enable_gradient_checkpointing"
+            )
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
-        batch, new = (ids.shape if ids is not None else embeds.shape[:2])
-        n = self.encoder.n
+        batch, new = ids.shape if ids is not None else embeds.shape[:2]
         device = (ids if ids is not None else embeds).device
-        cache = kwargs.get("past_key_values")
-        # Without use_cache a caller may still hand back the cache of its previous call: start afresh.
-        if cache is None or kwargs.get("use_cache") is False:
-            cache = DynamicCache(config=self.config)
-        if cache.get_seq_length() == 0:
-            for layer, (k, v) in enumerate(self.encoder.key_values(batch)):
-                cache.update(k, v, layer)
-        kwargs["past_key_values"] = cache
+        n = self.encoder.n
+        cache = kwargs.get(self.cache_name)
+        training = module.training and torch.is_grad_enabled()
+        # Without use_cache, generate still hands back the cache of its previous call: start afresh.
+        if kwargs.get("use_cache") is False or (training and (cache is None or cache.get_seq_length() == 0)):
+            cache = PrefixCache(self.encoder.key_values(batch))
+        else:
+            cache = DynamicCache(config=self.config) if cache is None else cache
+            if cache.get_seq_length() == 0:
+                for layer, (k, v) in enumerate(self.encoder.key_values(batch)):
+                    cache.update(k, v, layer)
+        kwargs[self.cache_name] = cache
         past = cache.get_seq_length()  # prefix included
-        mask = kwargs.get("attention_mask")
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if positions is not None:
+            positions = positions + n
         if mask is not None and mask.dim() == 2:
-            if "position_ids" in self.accepts and kwargs.get("position_ids") is None:
-                kwargs["position_ids"] = ((mask.long().cumsum(-1) - 1).clamp(min=0))[:, -new:]
             missing = past + new - mask.shape[1]
             if missing > 0:
-                kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, missing), mask], dim=-1)
+                mask = torch.cat([mask.new_ones(batch, missing), mask], dim=-1)
+            if positions is None:
+                positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
         else:
             if mask is not None and mask.shape[-1] == past - n + new:
                 attend = mask.new_zeros if mask.is_floating_point() else mask.new_ones  # additive or boolean
-                kwargs["attention_mask"] = torch.cat([attend((*mask.shape[:-1], n)), mask], dim=-1)
-            if "position_ids" in self.accepts and kwargs.get("position_ids") is None:
-                start = past - n
-                kwargs["position_ids"] = torch.arange(start, start + new, device=device)[None]
-        if "cache_position" in self.accepts:
-            kwargs["cache_position"] = torch.arange(past, past + new, device=device)
+                mask = torch.cat([attend((*mask.shape[:-1], n)), mask], dim=-1)
+            if positions is None:
+                positions = torch.arange(past, past + new, device=device)[None]
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        if self.with_positions:
+            kwargs["position_ids"] = positions
         return args, kwargs
+
+
+class CheckpointedForward:
+    """A decoder block's forward, under `torch.utils.checkpoint.checkpoint` (non-reentrant) in training.
+
+    It replaces the block's `forward`, so the block's hooks run once, outside the checkpoint, and every
+    argument (the cache included) reaches the recomputation as it reached the first run.
+    """
+
+    def __init__(self, forward: Callable[..., Any]) -> None:
+        self.forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.forward.__self__.training and torch.is_grad_enabled():
+            return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+        return self.forward(*args, **kwargs)
 
 
 class _Prefix:
@@ -166,12 +202,13 @@ class _Prefix:
         backbone = model.get_submodule(layout.backbone)
         accepts = set(inspect.signature(backbone.forward).parameters)
         backbone.register_forward_pre_hook(PrefixHook(encoder, model.config, accepts), with_kwargs=True)
-        # A block's attention module is the parent of its query (or fused qkv) projection.
-        attention = (layout.fused_qkv or layout.linears["q"]).rpartition(".")[0]
-        for block in model.get_submodule(layout.layers):
-            module = block.get_submodule(attention)
-            module.register_forward_pre_hook(AttentionPrefixHook(encoder, module), with_kwargs=True)
         return [encoder]
+
+    def enable_gradient_checkpointing(self, model: nn.Module) -> None:
+        """Checkpoint every decoder block with the cache kept (transformers' own would drop the prefix)."""
+        for block in model.get_submodule(family_for(model.config).layers):
+            if not isinstance(block.forward, CheckpointedForward):
+                block.forward = CheckpointedForward(block.forward)
 
 
 METHOD = _Prefix()

@@ -39,6 +39,19 @@ def finalize(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
     return method.finalize(model, config) if hasattr(method, "finalize") else config
 
 
+def enable_gradient_checkpointing(model: PreTrainedModel, config: AdapterConfig) -> None:
+    """Recompute each decoder block in the backward instead of keeping its activations (non-reentrant).
+
+    transformers' own checkpointing, unless the method brings its way (prefix tuning: transformers'
+    drops the cache that carries the prefix).
+    """
+    method = METHODS[config.type]
+    if hasattr(method, "enable_gradient_checkpointing"):
+        method.enable_gradient_checkpointing(model)
+    else:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def inject(model: PreTrainedModel, config: AdapterConfig) -> list[nn.Module]:
     """Insert the adapter `config` describes into `model` and freeze everything else."""
     method = METHODS[config.type]
