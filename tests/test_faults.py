@@ -157,7 +157,7 @@ def test_a_killed_trial_worker_resumes_to_the_record_of_its_clean_sibling(tmp_pa
     client, parent, children = _runs(tmp_path, "killed")
     assert sorted(r.info.run_name for r in children) == ["lora-r4-qv", "lora-r4-ud"]
     for run in children:
-        assert run.info.status == "FINISHED"
+        assert run.info.status == "FINISHED", (run.info.run_name, resumed.stdout[-2000:], resumed.stderr[-3000:])
         assert STATUS_TAG not in run.data.tags and ERROR_TAG not in run.data.tags
     a, b = (_history(client, r.info.run_id) for r in children)
     assert [s for s, _ in a] == [s for s, _ in b] and len({s for s, _ in a}) == len(a)
