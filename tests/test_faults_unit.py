@@ -233,3 +233,22 @@ def test_a_trial_notices_a_still_heartbeat_and_not_a_beating_one(tmp_path: Path)
     assert not gone()
     time.sleep(0.4)
     assert gone()  # the driver stopped beating
+
+
+# --- params first ---------------------------------------------------------------------------------------------
+
+def test_a_trial_that_fails_before_training_has_its_params(tmp_path: Path) -> None:
+    from workers.errors import ConfigError
+    from workers.job import run_trial
+    from workers.spec import parse_trial_spec
+    from workers.tracking import MemoryTracker, TrialStatus
+
+    spec = parse_trial_spec({"model": str(tmp_path / "no-such-model"), "tokenizer": "byte",
+                             "adapter": {"type": "lora", "placement": ["q", "v"], "rank": 4},
+                             "data": {"train": str(tmp_path / "missing.json")}, "seed": 3})
+    tracker = MemoryTracker()
+    with pytest.raises(ConfigError):
+        run_trial(spec, tracker, tmp_path / "ckpt")
+    assert tracker.status == TrialStatus.FAILED
+    assert tracker.params["adapter.type"] == "lora" and tracker.params["seed"] == "3"
+    assert "adaptune.error" in tracker.tags
