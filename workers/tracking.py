@@ -239,9 +239,10 @@ class MlflowTracker:
     the store is unreachable the trial trains on and its calls wait on disk (retried every few
     seconds, and at `finish` until they are delivered); only an outage longer than `max_outage_s`
     fails the trial, whose next attempt delivers what was left before anything new. MLflow's own
-    HTTP retries are then cut to one, so a call never blocks training for minutes. Metrics of one call go in one
-    `log_batch` request; parameters are flattened and redacted. On a GPU machine MLflow's system
-    metrics (GPU utilisation and memory, CPU, network) are sampled into the run.
+    HTTP retries are then cut to one, so a call never blocks training for minutes.
+
+    Metrics of one call go in one `log_batch` request; parameters are flattened and redacted. On a GPU
+    machine MLflow's system metrics (GPU utilisation and memory, CPU, network) are sampled into the run.
     """
 
     def __init__(
@@ -381,6 +382,8 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         fresh = {k: float(v) for k, v in metrics.items() if step > self._logged_to.get(k, -1)}
+        if not fresh:
+            return
         self._call({"op": "metrics", "step": step, "time": int(time.time() * 1000), "metrics": fresh})
         for key in fresh:
             self._logged_to[key] = step
