@@ -252,3 +252,19 @@ def test_a_trial_that_fails_before_training_has_its_params(tmp_path: Path) -> No
     assert tracker.status == TrialStatus.FAILED
     assert tracker.params["adapter.type"] == "lora" and tracker.params["seed"] == "3"
     assert "adaptune.error" in tracker.tags
+
+
+def test_a_resume_under_another_code_version_keeps_the_first_params_and_tags_the_new(store: str) -> None:
+    from mlflow import MlflowClient
+
+    from workers.tracking import MlflowTracker, TrialStatus
+
+    parent = _parent(store, "upgraded")
+    first = MlflowTracker(store, "faults", "t", trial_id="upgraded", parent_run_id=parent, system_metrics=False)
+    first.log_params({"provenance": {"git_sha": "aaa"}, "seed": 0})
+    again = MlflowTracker(store, "faults", "t", trial_id="upgraded", parent_run_id=parent, system_metrics=False)
+    again.log_params({"provenance": {"git_sha": "bbb"}, "seed": 0, "trainable_params": 8})
+    again.finish(TrialStatus.SUCCEEDED)
+    run = MlflowClient(store).get_run(again.run_id)
+    assert run.data.params == {"provenance.git_sha": "aaa", "seed": "0", "trainable_params": "8"}
+    assert run.data.tags["adaptune.resumed_with.provenance.git_sha"] == "bbb"

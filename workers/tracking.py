@@ -37,6 +37,8 @@ STATUS_TAG = "adaptune.status"
 ERROR_TAG = "adaptune.error"
 # Tags that describe how one attempt of a trial ended: a new attempt starts without them.
 ATTEMPT_TAGS = (STATUS_TAG, ERROR_TAG)
+# A param whose value changed between attempts (MLflow keeps the first): the new value, as a tag.
+CHANGED_PARAM_TAG = "adaptune.resumed_with."
 # How long a spooling tracker lets the store be unreachable before the trial fails, and how often it retries.
 DEFAULT_MAX_OUTAGE_S = 1800.0
 SPOOL = "tracking-spool"  # the spool's folder in a trial's checkpoint directory
@@ -267,6 +269,7 @@ class MlflowTracker:
         self._last_try = 0.0
         self._spool: Spool | None = None
         self._spooling = spool_dir is not None
+        self._params: dict[str, str] = {}
         run = self._retry(lambda: self._attach(uri, experiment, run_name, trial_id, parent_run_id, tags or {}))
         self.run_id: str = run.info.run_id
         self._logged_to: dict[str, int] = {}
@@ -301,6 +304,7 @@ class MlflowTracker:
                 run_tags[PARENT_TAG] = parent_run_id
             return self.client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
         run = found[0]
+        self._params = dict(run.data.params)
         self.client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         for key in ATTEMPT_TAGS:
             if key in run.data.tags:
@@ -378,7 +382,16 @@ class MlflowTracker:
             self.client.set_terminated(self.run_id, status=call["status"])
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self._call({"op": "params", "params": flatten_params(params)})
+        """Log parameters; on a resumed run, one already logged keeps its value and a new value of it
+        (a resume under another code version or evaluation setting) becomes a tag."""
+        flat = flatten_params(params)
+        changed = {f"{CHANGED_PARAM_TAG}{k}": v for k, v in flat.items() if self._params.get(k, v) != v}
+        fresh = {k: v for k, v in flat.items() if k not in self._params}
+        self._params.update(fresh)
+        if fresh:
+            self._call({"op": "params", "params": fresh})
+        if changed:
+            self.set_tags(changed)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         fresh = {k: float(v) for k, v in metrics.items() if step > self._logged_to.get(k, -1)}
