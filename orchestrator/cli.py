@@ -207,7 +207,7 @@ def report(
     from rich.console import Console
 
     from orchestrator.mlflow_sweep import MlflowTrials, parent_run_id
-    from orchestrator.report import collect, table, verdict, write_report
+    from orchestrator.report import collect, table, unfinished, verdict, write_report
     from orchestrator.sweep import load_sweep
 
     saved = storage / name / "sweep.yaml"
@@ -222,6 +222,8 @@ def report(
     path = write_report(summary, out or storage / name / "report")
     Console(width=max(Console().width, 140)).print(table(summary))
     typer.echo(verdict(summary))
+    if failed := unfinished(summary):
+        typer.echo("did not finish: " + ", ".join(f"{t.name} ({t.status})" for t in failed))
     typer.echo(f"plots and tables: {path.parent}")
 
 
@@ -251,7 +253,7 @@ def trial(
 
     from workers.job import run_trial
     from workers.spec import load_trial_spec, trial_id
-    from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus, check_tracking_uri
+    from workers.tracking import SPOOL, MemoryTracker, MlflowTracker, TrialStatus, check_tracking_uri
 
     spec = load_trial_spec(spec_file)
     try:
@@ -262,7 +264,8 @@ def trial(
     folder = checkpoint_dir or Path("runs") / "trials" / ident
     # Under torchrun every rank runs this command; only rank 0 writes the MLflow run.
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    tracker = (MlflowTracker(tracking_uri, experiment, spec.name or spec.adapter.short_name(), trial_id=ident)
+    tracker = (MlflowTracker(tracking_uri, experiment, spec.name or spec.adapter.short_name(), trial_id=ident,
+                             spool_dir=folder / SPOOL)
                if rank0 else MemoryTracker())
     try:
         result = run_trial(spec, tracker, folder)

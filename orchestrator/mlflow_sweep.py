@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from mlflow.entities import Run
 from orchestrator.report import Trial, collect, write_csv, write_report
 from orchestrator.sweep import Point, SweepSpec
 from workers.provenance import git_sha
-from workers.tracking import PARENT_TAG, experiment_id, redact
+from workers.tracking import PARENT_TAG, STATUS_TAG, experiment_id, redact
 
 SWEEP_TAG = "adaptune.sweep"
 COSTS = ("gpu_hours", "cpu_hours", "tokens_trained")
@@ -35,7 +35,7 @@ class MlflowTrials:
 
     def trials(self) -> list[Trial]:
         runs = sorted(child_runs(self.client, self.parent), key=lambda run: run.info.start_time)
-        return [Trial(run.info.run_id, run.info.run_name, run.data.tags.get("adaptune.status", run.info.status),
+        return [Trial(run.info.run_id, run.info.run_name, run.data.tags.get(STATUS_TAG, run.info.status),
                       dict(run.data.params), dict(run.data.metrics),
                       run.data.tags.get("adaptune.adapter", run.info.run_name))
                 for run in runs]
@@ -119,7 +119,7 @@ def close_stragglers(client: MlflowClient, parent_id: str) -> int:
     count = 0
     for run in child_runs(client, parent):
         if run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, "adaptune.status", "STOPPED")
+            client.set_tag(run.info.run_id, STATUS_TAG, "STOPPED")
             client.set_terminated(run.info.run_id, status="KILLED")
             count += 1
     return count
@@ -132,7 +132,7 @@ def summary_rows(client: MlflowClient, parent: Run) -> list[dict[str, Any]]:
         p, m = run.data.params, run.data.metrics
         rows.append({
             "trial": run.info.run_name,
-            "status": run.data.tags.get("adaptune.status", run.info.status),
+            "status": run.data.tags.get(STATUS_TAG, run.info.status),
             "type": p.get("adapter.type", ""),
             "placement": p.get("adapter.placement", ""),
             "bottleneck": p.get("adapter.bottleneck", ""),
@@ -143,6 +143,22 @@ def summary_rows(client: MlflowClient, parent: Run) -> list[dict[str, Any]]:
             **{k: round(v, 6) for k, v in sorted(m.items())},
         })
     return sorted(rows, key=lambda r: r["trial"])
+
+
+# Counter of the parent run -> the trial statuses it counts.
+COUNTED = {
+    "trials_finished": ("FINISHED", "SUCCEEDED"),
+    "trials_failed": ("FAILED",),
+    "trials_oom": ("OOM",),
+    "trials_stopped": ("STOPPED", "KILLED", "CANCELLED"),
+}
+
+
+def trial_counts(statuses: Iterable[str]) -> dict[str, int]:
+    """The parent run's counters, from its children's statuses as they stand (never accumulated)."""
+    statuses = list(statuses)
+    return {"trials_total": len(statuses),
+            **{name: sum(s in counted for s in statuses) for name, counted in COUNTED.items()}}
 
 
 def finish_parent(
@@ -156,7 +172,8 @@ def finish_parent(
     for cost in COSTS:
         total = sum(float(r[cost]) for r in rows if isinstance(r.get(cost), float | int))
         client.log_metric(parent_id, f"total_{cost}", total)
-    client.log_metric(parent_id, "trials_finished", sum(r["status"] in ("FINISHED", "SUCCEEDED") for r in rows))
+    for name, count in trial_counts(r["status"] for r in rows).items():
+        client.log_metric(parent_id, name, count)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_csv(rows, folder / "summary.csv")

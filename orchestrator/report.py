@@ -142,6 +142,13 @@ class Configuration:
         return [t.params.get("seed", "?") for t in self.trials]
 
 
+def varied_params(keys: Sequence[Mapping[str, str]]) -> list[str]:
+    """The non-adapter params that take more than one value among the configurations that have them
+    (a trial that failed before logging its params varies nothing)."""
+    names = {k for key in keys for k in key if not k.startswith("adapter.")}
+    return sorted(k for k in names if len({key[k] for key in keys if k in key}) > 1)
+
+
 def group(trials: Sequence[Trial]) -> list[Configuration]:
     """Configurations in first-seen order, labelled by the adapter's short name plus whatever else
     the sweep varied between configurations (`lora-r8-qv lr=0.001`)."""
@@ -149,15 +156,12 @@ def group(trials: Sequence[Trial]) -> list[Configuration]:
     for trial in trials:
         by_key[trial.config_key()].append(trial)
     keys = list(by_key)
-    varied = sorted({
-        k for k in {k for key in keys for k, _ in key}
-        if not k.startswith("adapter.") and len({dict(key).get(k) for key in keys}) > 1
-    })
+    varied = varied_params([dict(key) for key in keys])
     configs = []
     for key in keys:
         values = dict(key)
         members = by_key[key]
-        extra = " ".join(f"{k.rsplit('.', 1)[-1]}={values.get(k, '-')}" for k in varied)
+        extra = " ".join(f"{k.rsplit('.', 1)[-1]}={values[k]}" for k in varied if k in values)
         configs.append(Configuration(" ".join(filter(None, [members[0].adapter, extra])), members))
     return configs
 
@@ -316,6 +320,11 @@ def configuration_rows(summary: Summary) -> list[dict[str, object]]:
     return rows
 
 
+def unfinished(summary: Summary) -> list[Trial]:
+    """The trials that did not finish (failed, out of memory, stopped), listed apart from the ranking."""
+    return [t for t in summary.trials if not t.succeeded]
+
+
 def verdict(summary: Summary) -> str:
     """Two sentences: the winner and how sure the sweep is of it, and how the two were chosen."""
     if summary.bootstrap is None:
@@ -390,6 +399,9 @@ def write_report(summary: Summary, out_dir: Path) -> Path:
         lines.append(f"| {config.label} | {params:,.0f} | {len(config.trials)} | "
                      f"{_fmt(config.stats.get(summary.metric), summary.metric.startswith('accuracy/'))} |"
                      if params is not None else f"| {config.label} | - | {len(config.trials)} | - |")
+    failed = unfinished(summary)
+    if failed:
+        lines += ["", "Trials that did not finish:", "", *(f"- {t.name}: {t.status}" for t in failed)]
     lines += ["", "Costs: " + ", ".join(f"{k} {v:,.4g}" for k, v in summary.costs.items()), "",
               *(f"![{p.stem}]({p.name})" for p in plots)]
     path = out_dir / "report.md"

@@ -63,6 +63,8 @@ class ResourcesSpec(_Section):
 class TrackingSpec(_Section):
     uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None
+    # How long a trial trains on, spooling its record to disk, while the store does not answer.
+    max_outage_s: float = Field(1800.0, gt=0)
 
 
 class SweepSpec(_Section):

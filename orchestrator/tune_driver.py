@@ -28,10 +28,11 @@ from rich.table import Table
 
 from orchestrator import mlflow_sweep
 from orchestrator.cluster import check_address, check_tracking, is_uri, probe_node, single_machine_uri
+from orchestrator.heartbeat import HEARTBEAT, Heartbeat, driver_gone
 from orchestrator.sweep import Point, SweepSpec, optuna_space, point_from_optuna
 from workers.errors import ConfigError
 from workers.spec import trial_id
-from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus
+from workers.tracking import SPOOL, MemoryTracker, MlflowTracker, TrialStatus
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Context:
     workers: int
     use_gpu: bool
     cpus_per_worker: float
+    max_outage_s: float
 
 
 def _point(config: dict[str, Any], ctx: Context) -> Point:
@@ -61,7 +63,8 @@ def _final_metrics(summary: Path) -> dict[str, float]:
 
 def _tracker(ctx: Context, point: Point, tid: str) -> MlflowTracker:
     return MlflowTracker(ctx.tracking_uri, ctx.experiment, point.name, trial_id=tid,
-                         parent_run_id=ctx.parent_run_id, tags={"adaptune.branch": str(point.branch)})
+                         parent_run_id=ctx.parent_run_id, tags={"adaptune.branch": str(point.branch)},
+                         spool_dir=Path(ctx.root) / "trials" / tid / SPOOL, max_outage_s=ctx.max_outage_s)
 
 
 def _raise_unless_done(status: TrialStatus, error: str | None, name: str) -> None:
@@ -99,8 +102,10 @@ def trial_function(config: dict[str, Any], ctx: Context) -> None:
     if ctx.workers == 1:
         from workers.job import run_trial  # the trial's actor imports torch; the driver never does
 
+        # Stop with a checkpoint when the driver is gone: `adaptune resume` takes the trial up there.
         result = run_trial(point.spec, _tracker(ctx, point, tid), folder,
-                           report=lambda metrics, checkpoint: tune.report(metrics))
+                           report=lambda metrics, checkpoint: tune.report(metrics),
+                           should_stop=driver_gone(Path(ctx.root) / HEARTBEAT))
         _raise_unless_done(result.status, result.error, point.name)
         return
     from ray.train import RunConfig, ScalingConfig
@@ -319,7 +324,8 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     r = sweep.resources
     ctx = Context(sweep=sweep.model_dump(mode="json"), root=str(root), tracking_uri=uri,
                   experiment=sweep.experiment, parent_run_id=parent, workers=r.workers_per_trial,
-                  use_gpu=r.gpus_per_trial > 0, cpus_per_worker=r.cpus_per_worker)
+                  use_gpu=r.gpus_per_trial > 0, cpus_per_worker=r.cpus_per_worker,
+                  max_outage_s=sweep.tracking.max_outage_s)
     # A multi-worker trial's own actor only drives the Train run; its workers hold the resources.
     resources = ({"cpu": r.cpus_per_worker, "gpu": r.gpus_per_trial} if r.workers_per_trial == 1
                  else {"cpu": DRIVER_CPU})
@@ -332,7 +338,8 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     else:
         space, tune_config = _tune_config(sweep, points, concurrency)
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
-    results = tuner.fit()
+    with Heartbeat(root / HEARTBEAT):
+        results = tuner.fit()
     failed = any(res.error is not None for res in results)
     return mlflow_sweep.finish_parent(uri, parent, failed=failed, metric=sweep.search.metric,
                                       mode=sweep.search.mode)

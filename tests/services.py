@@ -102,9 +102,12 @@ def postgres(user: str = "adaptune", password: str = "pg-test-secret", database:
 
 @contextmanager
 def mlflow_server(backend_uri: str, artifacts: Path, env: dict[str, str] | None = None,
-                  timeout_s: float = 90.0) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 over `backend_uri`, serving artifacts from `artifacts`; yields its URL."""
-    port = free_port()
+                  timeout_s: float = 90.0, port: int | None = None) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 over `backend_uri`, serving artifacts from `artifacts`; yields its URL.
+
+    `port`: a given port (to restart a stopped server where its clients look for it), else a free one.
+    """
+    port = port or free_port()
     artifacts.mkdir(parents=True, exist_ok=True)
     log_path = artifacts.parent / f"mlflow-server-{port}.log"
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),

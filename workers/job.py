@@ -20,7 +20,7 @@ import yaml
 
 from workers.errors import ConfigError
 from workers.spec import RESUMABLE_CHANGES, TrialSpec, trial_id
-from workers.tracking import Tracker, TrialStatus, redact
+from workers.tracking import ERROR_TAG, Tracker, TrialStatus, redact
 
 # report(metrics, checkpoint): at every log point and at the end; `checkpoint` is the newest checkpoint
 # on disk then (it may predate the metrics' step), or None.
@@ -77,34 +77,39 @@ def run_trial(
 ) -> TrialResult:
     """Fine-tune, evaluate and record one trial; resume from `checkpoint_dir` when it holds a checkpoint.
 
-    User errors (`ConfigError`) propagate after the run is marked failed; CUDA running out of memory
-    is reported as OOM with the memory figures and is not retried.
+    The spec's parameters are logged first, before anything that can fail, so every run can be told
+    apart by them. User errors (`ConfigError`) propagate after the run is marked failed; CUDA running
+    out of memory is reported as OOM with the memory figures and is not retried.
     """
+    from workers.provenance import provenance
+
     checkpoint_dir = Path(checkpoint_dir)
-    check_resumable(spec, checkpoint_dir)
+    info = provenance()
+    tracker.log_params({**spec.model_dump(mode="json"), "provenance": info})
     try:
-        return _run(spec, tracker, checkpoint_dir, report, should_stop)
+        check_resumable(spec, checkpoint_dir)
+        return _run(spec, tracker, checkpoint_dir, info, report, should_stop)
     except torch.OutOfMemoryError as exc:
         error = f"out of memory: {str(exc).splitlines()[0]} ({_memory_figures()})"
-        tracker.set_tags({"adaptune.error": error[:5000]})
+        tracker.set_tags({ERROR_TAG: error[:5000]})
         tracker.finish(TrialStatus.OOM)
         return TrialResult(TrialStatus.OOM, {}, error=error)
     except KeyboardInterrupt:
         tracker.finish(TrialStatus.CANCELLED)
         return TrialResult(TrialStatus.CANCELLED, {}, error="interrupted")
     except ConfigError as exc:
-        tracker.set_tags({"adaptune.error": str(exc)[:5000]})
+        tracker.set_tags({ERROR_TAG: str(exc)[:5000]})
         tracker.finish(TrialStatus.FAILED)
         raise
     except Exception as exc:
         error = "".join(traceback.format_exception(exc))
-        tracker.set_tags({"adaptune.error": error[-5000:]})
+        tracker.set_tags({ERROR_TAG: error[-5000:]})
         tracker.finish(TrialStatus.FAILED)
         return TrialResult(TrialStatus.FAILED, {}, error=f"{type(exc).__name__}: {exc}")
 
 
 def _run(
-    spec: TrialSpec, tracker: Tracker, checkpoint_dir: Path, report: Report | None,
+    spec: TrialSpec, tracker: Tracker, checkpoint_dir: Path, info: dict[str, str], report: Report | None,
     should_stop: Callable[[], bool] | None,
 ) -> TrialResult:
     from workers.adapters.io import save_adapter
@@ -112,14 +117,12 @@ def _run(
     from workers.data import build_train_data, data_root
     from workers.evaluate import evaluate
     from workers.model_loading import build_model, eight_bit_config, load_tokenizer
-    from workers.provenance import provenance
     from workers.train import Trainer, resolve_precision, seed_everything
 
     on_gpu = torch.cuda.is_available()
     dtype = resolve_precision(spec.train.precision, on_gpu)
     if spec.load_in_8bit:
         eight_bit_config()  # no GPU or no bitsandbytes: refused before any data work
-    info = provenance()
     tokenizer = load_tokenizer(spec.tokenizer or spec.model, spec.trust_remote_code)
     data = build_train_data(spec.data, tokenizer, spec.seed)
     seed_everything(spec.seed)
@@ -134,9 +137,12 @@ def _run(
     rank0 = trainer.rank == 0
     resumed = trainer.resume()
     if rank0:
-        tracker.log_params({**spec.model_dump(mode="json"), "provenance": info, "data_stats": data.stats,
-                            "trainable_params": counts.trainable, "base_params": counts.base})
+        tracker.log_params({"data_stats": data.stats, "trainable_params": counts.trainable,
+                            "base_params": counts.base})
         tracker.set_tags({"adaptune.adapter": spec.adapter.short_name(), "adaptune.resumed": str(resumed)})
+        if trainer.skipped:
+            skipped = "; ".join(f"{p.name}: {why}" for p, why in trainer.skipped)
+            tracker.set_tags({"adaptune.skipped_checkpoints": skipped})
 
     def on_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
         if rank0:

@@ -16,21 +16,35 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from workers.errors import ConfigError
+from workers.spool import Call, Spool
 
+T = TypeVar("T")
 TRIAL_ID_TAG = "adaptune.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
+STATUS_TAG = "adaptune.status"
+ERROR_TAG = "adaptune.error"
+# Tags that describe how one attempt of a trial ended: a new attempt starts without them.
+ATTEMPT_TAGS = (STATUS_TAG, ERROR_TAG)
+# A param whose value changed between attempts (MLflow keeps the first): the new value, as a tag.
+CHANGED_PARAM_TAG = "adaptune.resumed_with."
+# How long a spooling tracker lets the store be unreachable before the trial fails, and how often it retries.
+DEFAULT_MAX_OUTAGE_S = 1800.0
+SPOOL = "tracking-spool"  # the spool's folder in a trial's checkpoint directory
+RETRY_S = 5.0
+# Errors of the store that a retry may cure (MLflow reports a refused connection as INTERNAL_ERROR).
+_TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
 REDACTED = "***"
 
 _SECRET_KEY = re.compile(r"(^|[._-])(token|password|passwd|secret|credentials?|auth|(api|access|private)?[_-]?key)$",
@@ -199,13 +213,38 @@ def experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
         return found.experiment_id
 
 
+class TrackingOutage(RuntimeError):
+    """The tracking store stayed unreachable longer than the trial's allowed outage."""
+
+
+def transient(exc: Exception) -> bool:
+    """Whether a failed tracking call may succeed when retried (an outage, not a refusal)."""
+    return not isinstance(exc, MlflowException) or exc.error_code in _TRANSIENT_CODES
+
+
+def trial_filter(trial_id: str, parent_run_id: str | None) -> str:
+    """The search for a trial's run: by its id, under its own sweep's parent run when it has one."""
+    query = f"tags.`{TRIAL_ID_TAG}` = '{trial_id}'"
+    return f"{query} and tags.`{PARENT_TAG}` = '{parent_run_id}'" if parent_run_id else query
+
+
 class MlflowTracker:
     """One trial = one MLflow run, found again by its `adaptune.trial_id` tag when the trial resumes.
 
-    On re-attaching, metric points at steps already logged are skipped: a resumed trial recomputes
-    them identically, and the run keeps one continuous history. Metrics of one call go in one
-    `log_batch` request; parameters are flattened and redacted. On a GPU machine MLflow's system
-    metrics (GPU utilisation and memory, CPU, network) are sampled into the run.
+    A trial of a sweep is looked up only under its sweep's parent run: a sweep started anew has
+    runs of its own. On re-attaching, the tags of the previous attempt's end (`adaptune.status`,
+    `adaptune.error`) are removed, so the run describes its last attempt; metric points at steps
+    already logged are skipped: a resumed trial recomputes them identically, and the run keeps one
+    continuous history. OOM is recorded as `adaptune.status=OOM` on a FAILED run.
+
+    With a `spool_dir`, every call is written ahead to a `Spool` there and delivered in order: while
+    the store is unreachable the trial trains on and its calls wait on disk (retried every few
+    seconds, and at `finish` until they are delivered); only an outage longer than `max_outage_s`
+    fails the trial, whose next attempt delivers what was left before anything new. MLflow's own
+    HTTP retries are then cut to one, so a call never blocks training for minutes.
+
+    Metrics of one call go in one `log_batch` request; parameters are flattened and redacted. On a GPU
+    machine MLflow's system metrics (GPU utilisation and memory, CPU, network) are sampled into the run.
     """
 
     def __init__(
@@ -218,27 +257,27 @@ class MlflowTracker:
         parent_run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
         system_metrics: bool | None = None,
+        spool_dir: Path | None = None,
+        max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
     ) -> None:
+        if spool_dir is not None:
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.client = mlflow.MlflowClient(uri)
-        self.experiment_id = experiment_id(self.client, experiment, uri)
-        self._logged_to: dict[str, int] = {}
-        found = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
-            order_by=["attributes.start_time DESC"], max_results=1,
-        )
-        self.resumed = bool(found)
-        if found:
-            run = found[0]
-            self.client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-            for key in run.data.metrics:
-                history = self.client.get_metric_history(run.info.run_id, key)
-                self._logged_to[key] = max(m.step for m in history)
-        else:
-            run_tags = {TRIAL_ID_TAG: trial_id, **(tags or {})}
-            if parent_run_id:
-                run_tags[PARENT_TAG] = parent_run_id
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
+        self.max_outage_s = max_outage_s
+        self._outage_since: float | None = None
+        self._last_try = 0.0
+        self._spool: Spool | None = None
+        self._spooling = spool_dir is not None
+        self._params: dict[str, str] = {}
+        run = self._retry(lambda: self._attach(uri, experiment, run_name, trial_id, parent_run_id, tags or {}))
         self.run_id: str = run.info.run_id
+        self._logged_to: dict[str, int] = {}
+        if spool_dir is not None:
+            self._spool = Spool(spool_dir, self.run_id)
+        if self.resumed:
+            self._flush(wait=True)  # what the last attempt could not deliver, before anything new
+            self._logged_to = self._retry(self._steps_logged)
         self._monitor = None
         if system_metrics is None:
             import torch  # here, not at the top: the sweep driver reads this module and never needs torch
@@ -250,22 +289,123 @@ class MlflowTracker:
             self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=self.resumed, tracking_uri=uri)
             self._monitor.start()
 
+    def _attach(self, uri: str, experiment: str, run_name: str, trial_id: str, parent_run_id: str | None,
+                tags: Mapping[str, str]) -> Run:
+        """The trial's run: found again (and made to describe a new attempt), or created."""
+        self.experiment_id = experiment_id(self.client, experiment, uri)
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=trial_filter(trial_id, parent_run_id),
+            order_by=["attributes.start_time DESC"], max_results=1,
+        )
+        self.resumed = bool(found)
+        if not found:
+            run_tags = {TRIAL_ID_TAG: trial_id, **tags}
+            if parent_run_id:
+                run_tags[PARENT_TAG] = parent_run_id
+            return self.client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
+        run = found[0]
+        self._params = dict(run.data.params)
+        self.client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        for key in ATTEMPT_TAGS:
+            if key in run.data.tags:
+                self.client.delete_tag(run.info.run_id, key)
+        return run
+
+    def _steps_logged(self) -> dict[str, int]:
+        return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
+                for key in self.client.get_run(self.run_id).data.metrics}
+
+    def _outage(self, error: Exception) -> None:
+        """Note a failed attempt; raise once the store has been unreachable for too long."""
+        self._outage_since = self._outage_since or self._last_try
+        if time.monotonic() - self._outage_since > self.max_outage_s:
+            where = f"; the calls wait in {self._spool.path}" if self._spool else ""
+            raise TrackingOutage(f"the tracking store has not answered for {self.max_outage_s:.0f} s{where}: "
+                                 f"{error}") from error
+
+    def _retry(self, fn: Callable[[], T]) -> T:
+        """`fn()`, retried every RETRY_S through an outage when spooling."""
+        while True:
+            self._last_try = time.monotonic()
+            try:
+                result = fn()
+            except Exception as exc:
+                if not (self._spooling and transient(exc)):
+                    raise
+                self._outage(exc)
+                time.sleep(RETRY_S)
+                continue
+            self._outage_since = None
+            return result
+
+    def _call(self, call: Call) -> None:
+        if self._spool is None:
+            self._send(call)
+            return
+        self._spool.append(call)
+        self._flush(wait=call["op"] == "finish")
+
+    def _flush(self, *, wait: bool) -> None:
+        """Deliver the spooled calls; during an outage retry every RETRY_S (and block only when `wait`)."""
+        if self._spool is None:
+            return
+        if not wait and self._outage_since is not None and time.monotonic() - self._last_try < RETRY_S:
+            return
+        while True:
+            self._last_try = time.monotonic()
+            error = self._spool.deliver(self._send, transient)
+            if error is None:
+                self._outage_since = None
+                return
+            self._outage(error)
+            if not wait:
+                return
+            time.sleep(RETRY_S)
+
+    def _send(self, call: Call) -> None:
+        op = call["op"]
+        if op == "params":
+            items = [Param(k, v) for k, v in call["params"].items()]
+            for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+                self.client.log_batch(self.run_id, params=items[start:start + MAX_PARAMS_TAGS_PER_BATCH])
+        elif op == "metrics":
+            batch = [Metric(k, v, call["time"], call["step"]) for k, v in call["metrics"].items()]
+            for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
+                self.client.log_batch(self.run_id, metrics=batch[start:start + MAX_METRICS_PER_BATCH])
+        elif op == "tags":
+            items = [RunTag(k, v) for k, v in call["tags"].items()]
+            for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+                self.client.log_batch(self.run_id, tags=items[start:start + MAX_PARAMS_TAGS_PER_BATCH])
+        elif op == "artifact":
+            self._upload(Path(call["path"]), call["name"])
+        elif op == "finish":
+            self.client.set_terminated(self.run_id, status=call["status"])
+
     def log_params(self, params: Mapping[str, Any]) -> None:
-        items = [Param(k, v) for k, v in flatten_params(params).items()]
-        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[start:start + MAX_PARAMS_TAGS_PER_BATCH])
+        """Log parameters; on a resumed run, one already logged keeps its value and a new value of it
+        (a resume under another code version or evaluation setting) becomes a tag."""
+        flat = flatten_params(params)
+        changed = {f"{CHANGED_PARAM_TAG}{k}": v for k, v in flat.items() if self._params.get(k, v) != v}
+        fresh = {k: v for k, v in flat.items() if k not in self._params}
+        self._params.update(fresh)
+        if fresh:
+            self._call({"op": "params", "params": fresh})
+        if changed:
+            self.set_tags(changed)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._logged_to.get(k, -1)]
-        for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch[start:start + MAX_METRICS_PER_BATCH])
-        for metric in batch:
-            self._logged_to[metric.key] = step
+        fresh = {k: float(v) for k, v in metrics.items() if step > self._logged_to.get(k, -1)}
+        if not fresh:
+            return
+        self._call({"op": "metrics", "step": step, "time": int(time.time() * 1000), "metrics": fresh})
+        for key in fresh:
+            self._logged_to[key] = step
 
     def log_artifact(self, path: Path, name: str | None = None) -> None:
         """Log a file or a folder as artifact `name` (default: its own name) at the run's root."""
-        name = name or path.name
+        self._call({"op": "artifact", "path": str(path), "name": name or path.name})
+
+    def _upload(self, path: Path, name: str) -> None:
         if path.is_dir():
             self.client.log_artifacts(self.run_id, str(path), artifact_path=name)
             return
@@ -279,13 +419,13 @@ class MlflowTracker:
             self.client.log_artifact(self.run_id, str(renamed), artifact_path=folder or None)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        items = [RunTag(k, redact_value(str(v))) for k, v in tags.items()]
-        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=items[start:start + MAX_PARAMS_TAGS_PER_BATCH])
+        self._call({"op": "tags", "tags": {k: redact_value(str(v)) for k, v in tags.items()}})
 
     def finish(self, status: TrialStatus) -> None:
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
-        self.client.set_terminated(self.run_id, status=_RUN_STATUS[str(status)])
+        if status == TrialStatus.OOM:
+            self.set_tags({STATUS_TAG: str(status)})
+        self._call({"op": "finish", "status": _RUN_STATUS[str(status)]})
 

@@ -14,7 +14,7 @@ import json
 import os
 import random
 import resource
-import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
+from workers import checkpoints
 from workers.adapters.registry import enable_gradient_checkpointing
 from workers.data import TrainData, collate, micro_batches, to_device
 from workers.errors import ConfigError
@@ -123,12 +124,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _prune(checkpoint_dir: Path, keep: int) -> None:
-    tags = sorted(p for p in checkpoint_dir.glob("step-*") if p.is_dir())
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 class BestAdapter:
     """The adapter of the lowest validation loss so far, on disk beside the checkpoints (a resume keeps it).
 
@@ -212,6 +207,7 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
         self.best = BestAdapter(checkpoint_dir / "best-adapter") if spec.train.load_best else None
+        self.skipped: list[tuple[Path, str]] = []
 
     def _epoch_order(self, epoch: int) -> tuple[list, int]:
         """This rank's micro-batches of `epoch`, and the optimizer steps the epoch holds."""
@@ -227,25 +223,36 @@ class Trainer:
         return to_device(collate(examples, self.pad_id), self.device, self.dtype)
 
     def resume(self) -> bool:
-        """Load the latest checkpoint of `checkpoint_dir`, if there is one."""
-        if not (self.checkpoint_dir / "latest").is_file():
+        """Load the newest valid checkpoint of `checkpoint_dir`, if there is one; name those skipped.
+
+        Raises `checkpoints.CheckpointError` when there are checkpoints and none is valid.
+        """
+        chosen, self.skipped = checkpoints.newest_valid(self.checkpoint_dir)
+        for folder, reason in self.skipped:
+            print(f"adaptune: skipped checkpoint {folder}: {reason}; resuming from {chosen.name}", file=sys.stderr)
+        if chosen is None:
             return False
-        _, state = self.engine.load_checkpoint(str(self.checkpoint_dir), load_module_strict=False)
+        _, state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=chosen.name, load_module_strict=False)
         self.global_step, self.epoch, self.position = state["global_step"], state["epoch"], state["position"]
         self.tokens, self.losses = state["tokens"], [tuple(x) for x in state["losses"]]
         _set_rng_state(state["rng"][self.rank] if isinstance(state["rng"], list) else state["rng"])
         return True
 
     def save(self) -> Path:
-        tag = f"step-{self.global_step:08d}"
+        """Write a checkpoint atomically (see `workers.checkpoints`); returns its folder."""
+        tag = checkpoints.tag(self.global_step)
+        tmp = checkpoints.TMP_PREFIX + tag
         rng = [None] * self.world
         dist.all_gather_object(rng, _rng_state())
         state = {"global_step": self.global_step, "epoch": self.epoch, "position": self.position,
                  "tokens": self.tokens, "losses": self.losses, "rng": rng}
-        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=state,
-                                    exclude_frozen_parameters=True)
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tmp, client_state=state,
+                                    exclude_frozen_parameters=True, save_latest=False)
+        dist.barrier()  # every rank's files are written before rank 0 seals the folder
         if self.rank == 0:
-            _prune(self.checkpoint_dir, self.spec.train.keep_checkpoints)
+            checkpoints.commit(self.checkpoint_dir / tmp, self.checkpoint_dir / tag)
+            checkpoints.prune(self.checkpoint_dir, self.spec.train.keep_checkpoints)
+        dist.barrier()
         return self.checkpoint_dir / tag
 
     def _sum_over_ranks(self, *values: float) -> list[float]:

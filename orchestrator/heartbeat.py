@@ -1,0 +1,64 @@
+"""The driver's heartbeat: a file in the sweep's folder that the driver touches while its trials run.
+
+A trial whose driver is gone (killed, its machine lost) notices the file going still and stops at
+the next step with a checkpoint, so `adaptune resume` takes it up from there. Staleness is judged by
+the file's modification time *changing*, seen on the trial's own clock: no clock is compared
+across machines.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+HEARTBEAT = "driver.heartbeat"
+INTERVAL_S = 2.0
+STALE_S = 10.0
+
+
+class Heartbeat:
+    """A thread touching `path` every `interval_s` seconds for the life of the `with` block."""
+
+    def __init__(self, path: Path, interval_s: float = INTERVAL_S) -> None:
+        self.path, self.interval_s = path, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="adaptune-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            self.path.touch()
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self.path.touch()
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def driver_gone(path: Path, stale_s: float = STALE_S) -> Callable[[], bool]:
+    """A `should_stop` for a trial: True once `path` has not changed for `stale_s` seconds.
+
+    Without the file there is no driver to watch (a trial run on its own): never True.
+    """
+    last: dict[str, float] = {"mtime": -1.0, "seen": time.monotonic()}
+
+    def gone() -> bool:
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        now = time.monotonic()
+        if mtime != last["mtime"]:
+            last["mtime"], last["seen"] = mtime, now
+            return False
+        return now - last["seen"] > stale_s
+
+    return gone

@@ -1,0 +1,257 @@
+"""Faults a user meets, each against the same work done without the fault: real DeepSpeed, Ray, MLflow.
+
+Each test ends, after at most one resume, with the record of the clean run: the same children,
+the same metric steps, the same statuses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from clirunner import run_cli
+from mlflow import MlflowClient
+from test_driver import _runs, tiny_sweep
+
+from workers.job import run_trial
+from workers.spec import parse_trial_spec
+from workers.tracking import ERROR_TAG, STATUS_TAG, MlflowTracker, TrialStatus
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def _trial_spec() -> dict:
+    return {
+        "model": str(REPO / "sweeps" / "models" / "tiny-llama"), "random_init": True, "tokenizer": "byte",
+        "model_overrides": {"initializer_range": 0.2},
+        "adapter": {"type": "lora", "placement": ["q", "v"], "rank": 4},
+        "data": {"train": str(REPO / "sweeps" / "data" / "animals-train.json"), "template": "alpaca",
+                 "val_set_size": 0, "allow_leakage": True},
+        "train": {"epochs": 1, "max_steps": 12, "micro_batch_size": 8, "batch_size": 16, "lr": 1e-2,
+                  "warmup_steps": 2, "log_every": 2, "eval_every": 1000, "save_every": 4, "keep_checkpoints": 2},
+        "seed": 0,
+    }
+
+
+def _history(client: MlflowClient, run_id: str, key: str = "train_loss") -> list[tuple[int, float]]:
+    return sorted((m.step, round(m.value, 5)) for m in client.get_metric_history(run_id, key))
+
+
+def _stop_at(step: int):
+    calls = iter(range(1, 10**6))
+    return lambda: next(calls) >= step
+
+
+@pytest.mark.slow
+def test_a_truncated_newest_checkpoint_resumes_from_the_valid_one_before_it(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/ml.db"
+    spec = parse_trial_spec(_trial_spec())
+    clean = MlflowTracker(uri, "ckpt", "clean", trial_id="clean", system_metrics=False)
+    assert run_trial(spec, clean, tmp_path / "clean").status == TrialStatus.SUCCEEDED
+
+    folder = tmp_path / "faulted"
+    first = MlflowTracker(uri, "ckpt", "faulted", trial_id="faulted", system_metrics=False)
+    assert run_trial(spec, first, folder, should_stop=_stop_at(8)).status == TrialStatus.CANCELLED
+    newest = folder / "step-00000008" / MODEL_STATES
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # the disk filled up mid-write
+    again = MlflowTracker(uri, "ckpt", "faulted", trial_id="faulted", system_metrics=False)
+    result = run_trial(spec, again, folder)
+    assert result.status == TrialStatus.SUCCEEDED, result.error
+
+    client = MlflowClient(uri)
+    run, reference = client.get_run(again.run_id), client.get_run(clean.run_id)
+    assert run.info.run_id == first.run_id and run.info.status == reference.info.status == "FINISHED"
+    assert _history(client, run.info.run_id) == _history(client, reference.info.run_id)
+    assert [s for s, _ in _history(client, run.info.run_id)] == [2, 4, 6, 8, 10, 12]
+    assert run.data.tags["adaptune.resumed"] == "True"
+    assert run.data.tags["adaptune.skipped_checkpoints"].startswith(f"step-00000008: {MODEL_STATES} has ")
+    assert result.metrics["final_train_loss"] == pytest.approx(
+        client.get_run(clean.run_id).data.metrics["final_train_loss"], abs=1e-6)
+
+    # With no valid checkpoint left the trial fails at once, in one line naming the folder.
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken, ignore=shutil.ignore_patterns("result"))
+    for states in broken.glob(f"step-*/{MODEL_STATES}"):
+        states.write_bytes(b"")
+    failed = run_trial(spec, MlflowTracker(uri, "ckpt", "broken", trial_id="broken", system_metrics=False), broken)
+    assert failed.status == TrialStatus.FAILED
+    assert "\n" not in failed.error and f"{broken}: no valid checkpoint" in failed.error
+
+
+ONE = [{"type": "lora", "placement": ["q", "v"], "rank": 4}]
+
+
+@pytest.mark.slow
+def test_a_sweep_run_again_with_new_gets_its_own_children(ray_local, tmp_path: Path, monkeypatch, capsys) -> None:
+    sweep = tiny_sweep(tmp_path, "again", ONE, train={"max_steps": 4})
+    assert run_cli(["run", str(sweep)], monkeypatch, capsys)[0] == 0
+    client, first, (old,) = _runs(tmp_path, "again")
+    code, _, err = run_cli(["run", str(sweep), "--new"], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    client, second, children = _runs(tmp_path, "again")
+    assert second.info.run_id != first.info.run_id and len(children) == 1
+    new = children[0]
+    assert new.info.run_id != old.info.run_id and new.info.status == "FINISHED"
+    assert _history(client, new.info.run_id) == _history(client, old.info.run_id)
+    # The old sweep is left as it was.
+    kept = client.get_run(old.info.run_id)
+    assert (kept.info.status, kept.info.end_time) == (old.info.status, old.info.end_time)
+    assert [r.info.run_id for r in _children(client, first.info.run_id)] == [old.info.run_id]
+    code, out, _ = run_cli(["status", "again", "--storage", str(tmp_path / "runs")], monkeypatch, capsys)
+    assert code == 0 and "again: FINISHED, 1 trials" in out
+
+
+def _children(client: MlflowClient, parent_id: str):
+    from orchestrator.mlflow_sweep import child_runs
+
+    return child_runs(client, client.get_run(parent_id))
+
+
+def _session_pids(sid: int, needle: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid and needle in (entry / "cmdline").read_bytes().decode():
+                    found.append(int(entry.name))
+            except (OSError, ProcessLookupError):
+                continue
+    return found
+
+
+TWO = [{"type": "lora", "placement": [["q", "v"], ["up", "down"]], "rank": 4}]
+
+
+@pytest.mark.slow
+def test_a_killed_trial_worker_resumes_to_the_record_of_its_clean_sibling(tmp_path: Path, monkeypatch,
+                                                                          capsys) -> None:
+    # Both trials train on the same schedule: the untouched one is the killed one's clean record.
+    sweep = tiny_sweep(tmp_path, "killed", TWO, train={"epochs": 3, "save_every": 6},
+                       resources={"cpus_per_worker": 1})
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "orchestrator.cli"]
+    driver = subprocess.Popen([*cmd, "run", str(sweep)], cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials = tmp_path / "runs" / "killed" / "trials"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(trials.glob("*/step-*")):
+        time.sleep(0.2)
+    workers = _session_pids(driver.pid, "ImplicitFunc")
+    assert workers and not list(trials.glob("*/result")), "no trial mid-training to kill"
+    os.kill(workers[0], signal.SIGKILL)
+    driver.wait(timeout=600)
+    client, _, children = _runs(tmp_path, "killed")
+    assert sorted(r.data.tags.get(STATUS_TAG, r.info.status) for r in children) == ["FINISHED", "STOPPED"]
+
+    resumed = subprocess.run([*cmd, "resume", "killed", "--storage", str(tmp_path / "runs")], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client, parent, children = _runs(tmp_path, "killed")
+    assert sorted(r.info.run_name for r in children) == ["lora-r4-qv", "lora-r4-ud"]
+    for run in children:
+        assert run.info.status == "FINISHED", (run.info.run_name, resumed.stdout[-2000:], resumed.stderr[-3000:])
+        assert STATUS_TAG not in run.data.tags and ERROR_TAG not in run.data.tags
+    a, b = (_history(client, r.info.run_id) for r in children)
+    assert [s for s, _ in a] == [s for s, _ in b] and len({s for s, _ in a}) == len(a)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_finished"] == 2 and parent.data.metrics["trials_stopped"] == 0
+    code, out, _ = run_cli(["report", "killed", "--storage", str(tmp_path / "runs")], monkeypatch, capsys)
+    assert code == 0 and "fewer than two finished" not in out and "did not finish" not in out
+
+
+@pytest.mark.slow
+def test_a_tracking_outage_is_spooled_and_replayed_into_the_clean_record(tmp_path: Path, monkeypatch) -> None:
+    from services import free_port, mlflow_server
+
+    from workers.spool import Spool
+
+    # What the tracker would set itself; set here so that it is undone after the test.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    port, backend, artifacts = free_port(), f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts"
+    clean = [(step, round(1.0 / step, 5)) for step in range(1, 9)]
+
+    def tracker(url: str, trial: str) -> MlflowTracker:
+        return MlflowTracker(url, "outage", trial, trial_id=trial, spool_dir=tmp_path / trial, system_metrics=False)
+
+    with mlflow_server(backend, artifacts, port=port, timeout_s=300) as url:
+        live, crashed = tracker(url, "live"), tracker(url, "crashed")
+        for t in (live, crashed):
+            t.log_params({"train": {"lr": 0.1}})
+            for step in (1, 2, 3):
+                t.log_metrics({"train_loss": 1.0 / step}, step)
+    started = time.monotonic()  # the server is down: training goes on, the record waits on disk
+    for t in (live, crashed):
+        for step in (4, 5, 6):
+            t.log_metrics({"train_loss": 1.0 / step}, step)
+        t.set_tags({"adaptune.adapter": "lora"})
+    assert time.monotonic() - started < 30
+    assert len(Spool(tmp_path / "live", live.run_id).pending()) == 4
+    # A trial that starts in the outage waits for the store instead of failing.
+    late: list[MlflowTracker] = []
+    starting = threading.Thread(target=lambda: late.append(tracker(url, "late")))
+    starting.start()
+    with mlflow_server(backend, artifacts, port=port, timeout_s=300) as url:
+        starting.join(timeout=120)
+        assert late and late[0].run_id
+        for step in (7, 8):
+            live.log_metrics({"train_loss": 1.0 / step}, step)
+        live.finish(TrialStatus.SUCCEEDED)
+        # `crashed` died in the outage; its next attempt resumes from a step-4 checkpoint.
+        again = tracker(url, "crashed")
+        assert again.run_id == crashed.run_id
+        for step in range(5, 9):
+            again.log_metrics({"train_loss": 1.0 / step}, step)
+        again.finish(TrialStatus.SUCCEEDED)
+        client = MlflowClient(url)
+        for t in (live, again):
+            run = client.get_run(t.run_id)
+            assert run.info.status == "FINISHED" and run.data.params == {"train.lr": "0.1"}
+            assert run.data.tags["adaptune.adapter"] == "lora"
+            assert _history(client, t.run_id) == clean
+        assert not list(tmp_path.glob("*/*.jsonl"))
+
+
+@pytest.mark.slow
+def test_an_orphaned_trial_stops_with_a_checkpoint_and_resumes(tmp_path: Path) -> None:
+    from services import stop_group
+
+    from workers import checkpoints
+
+    sweep = tiny_sweep(tmp_path, "orphan", ONE, train={"epochs": 3, "save_every": 6})
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "orchestrator.cli"]
+    driver = subprocess.Popen([*cmd, "run", str(sweep)], cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials = tmp_path / "runs" / "orphan" / "trials"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(trials.glob("*/step-*")):
+        time.sleep(0.2)
+    workers = _session_pids(driver.pid, "ImplicitFunc")
+    assert workers and not list(trials.glob("*/result")), "no trial mid-training"
+    os.kill(driver.pid, signal.SIGKILL)  # the driver alone: its trial is an orphan
+    driver.wait()
+    killed = time.monotonic()
+    while time.monotonic() - killed < 60 and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.2)
+    stopped_after = time.monotonic() - killed
+    stop_group(driver, grace_s=5)  # what Ray left of the session
+    (folder,) = trials.iterdir()
+    newest = checkpoints.candidates(folder)[0]
+    assert checkpoints.problem(newest) is None and not (folder / "result").exists()
+    assert stopped_after < 30, f"the orphaned trial trained on for {stopped_after:.0f} s"
+
+    resumed = subprocess.run([*cmd, "resume", "orphan", "--storage", str(tmp_path / "runs")], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client, parent, (run,) = _runs(tmp_path, "orphan")
+    assert run.info.status == "FINISHED" and STATUS_TAG not in run.data.tags and parent.info.status == "FINISHED"
+    assert [s for s, _ in _history(client, run.info.run_id)] == list(range(3, 43, 3))
