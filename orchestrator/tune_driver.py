@@ -28,10 +28,10 @@ from rich.table import Table
 
 from orchestrator import mlflow_sweep
 from orchestrator.cluster import check_address, check_tracking, is_uri, probe_node, single_machine_uri
-from orchestrator.sweep import Point, SweepSpec, optuna_space, point_from_optuna
-from workers.errors import ConfigError
+from orchestrator.sweep import Point, SweepSpec, experiment_dir, optuna_space, point_from_optuna
+from workers.errors import ConfigError, TrialFailed
 from workers.spec import trial_id
-from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus
+from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus, redact_value
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,25 @@ def _tracker(ctx: Context, point: Point, tid: str) -> MlflowTracker:
 def _raise_unless_done(status: TrialStatus, error: str | None, name: str) -> None:
     # An errored Tune trial is re-run by `adaptune resume`; OOM is final and not retried blindly.
     if status == TrialStatus.FAILED:
-        raise RuntimeError(f"trial {name} failed: {error}")
+        raise TrialFailed(error or f"trial {name} failed")
+
+
+def failures(results: Any) -> list[tuple[str, str]]:
+    """(name, one-line cause) of every trial of a Tune result grid that ended in an error."""
+    out = []
+    for result in results:
+        if result.error is None:
+            continue
+        config = result.config or {}
+        name = Point.model_validate(config["point"]).name if "point" in config else result.path.rsplit("/", 1)[-1]
+        cause = getattr(result.error, "cause", None) or result.error
+        if isinstance(cause, TrialFailed | ConfigError):
+            text = str(cause)
+        else:
+            lines = [line for line in str(cause).splitlines() if line.strip()]
+            text = f"{type(cause).__name__}: {lines[-1].strip() if lines else '(no message)'}"
+        out.append((name, redact_value(text.splitlines()[0] if text else type(cause).__name__)))
+    return sorted(out)
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -292,13 +310,9 @@ def _tune_config(sweep: SweepSpec, points: list[Point], concurrency: int) -> tup
     return space, tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrency, reuse_actors=True)
 
 
-def experiment_dir(sweep: SweepSpec) -> Path:
-    return Path(sweep.storage).expanduser().resolve() / sweep.name
-
-
 def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | None, resume: bool,
-        progress: bool = True) -> list[dict[str, Any]]:
-    """Run (or resume) a sweep to the end; returns the summary rows of its trials."""
+        progress: bool = True) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Run (or resume) a sweep to the end; returns the summary rows of its trials and its failures."""
     root = experiment_dir(sweep)
     root.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -333,6 +347,7 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
         space, tune_config = _tune_config(sweep, points, concurrency)
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
     results = tuner.fit()
-    failed = any(res.error is not None for res in results)
-    return mlflow_sweep.finish_parent(uri, parent, failed=failed, metric=sweep.search.metric,
+    failed = failures(results)
+    rows = mlflow_sweep.finish_parent(uri, parent, failed=bool(failed), metric=sweep.search.metric,
                                       mode=sweep.search.mode)
+    return rows, failed

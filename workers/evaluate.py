@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from workers.data import Template, custom_task, generate_prompt, is_custom, load_records, task, task_file
+from workers.data import Template, custom_task, generate_prompt, load_records
 from workers.scoring import extract, is_correct
+from workers.tasks import is_custom, task, task_file
 
 if TYPE_CHECKING:
     from workers.spec import EvalSpec

@@ -66,6 +66,16 @@ def _memory_figures() -> str:
             f" GiB, free {free / 2**30:.2f} of {total / 2**30:.2f} GiB")
 
 
+def one_line(exc: BaseException) -> str:
+    """`Type: message` of an error; where it was raised when it has no message (`StopIteration`)."""
+    text = str(exc).strip().splitlines()
+    if text:
+        return f"{type(exc).__name__}: {text[0]}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    return f"{type(exc).__name__} (no message){where}"
+
+
 def run_trial(
     spec: TrialSpec,
     tracker: Tracker,
@@ -80,8 +90,8 @@ def run_trial(
     is reported as OOM with the memory figures and is not retried.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    check_resumable(spec, checkpoint_dir)
     try:
+        check_resumable(spec, checkpoint_dir)
         return _run(spec, tracker, checkpoint_dir, report, should_stop)
     except torch.OutOfMemoryError as exc:
         error = f"out of memory: {str(exc).splitlines()[0]} ({_memory_figures()})"
@@ -99,7 +109,7 @@ def run_trial(
         error = "".join(traceback.format_exception(exc))
         tracker.set_tags({"adaptune.error": error[-5000:]})
         tracker.finish(TrialStatus.FAILED)
-        return TrialResult(TrialStatus.FAILED, {}, error=f"{type(exc).__name__}: {exc}")
+        return TrialResult(TrialStatus.FAILED, {}, error=one_line(exc))
 
 
 def _run(
