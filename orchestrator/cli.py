@@ -384,13 +384,9 @@ def eval_command(
     template: Annotated[str, typer.Option(help="paper | alpaca prompt template")] = "paper",
 ) -> None:
     """Evaluate a base model (zero-shot) or a base model with an adapter on the paper's tasks."""
-    import torch
     from pydantic import ValidationError
 
     from orchestrator.model_shape import WEIGHT_FILES, has_weights, looks_like_path
-    from workers.adapters.io import load_adapter, read_adapter_config
-    from workers.evaluate import evaluate
-    from workers.model_loading import build_model, load_tokenizer
     from workers.spec import EvalSpec, config_error_from
     from workers.tasks import data_root as resolve_root
     from workers.tasks import task, task_file
@@ -405,13 +401,22 @@ def eval_command(
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     root = resolve_root(data_root)
     for name in names:  # every set is checked before the model loads
-        task(name)
+        try:
+            task(name)
+        except ConfigError as exc:
+            raise ConfigError(None, "--tasks", exc.message) from None
         task_file(name, root)
-    if adapter is not None:
-        read_adapter_config(adapter)
     if not random_init and looks_like_path(model) and not has_weights(Path(model).expanduser()):
         raise ConfigError(None, "--model", f"{model} has no weights ({', '.join(WEIGHT_FILES)}); "
                                            f"pass --random-init for random weights from its config")
+    import torch
+
+    from workers.adapters.io import load_adapter, read_adapter_config
+    from workers.evaluate import evaluate
+    from workers.model_loading import build_model, load_tokenizer
+
+    if adapter is not None:
+        read_adapter_config(adapter)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     net = build_model(model, random_init=random_init, dtype=dtype, device=device)

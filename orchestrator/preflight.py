@@ -138,15 +138,15 @@ class Preflight:
 
     def _check_tokenizer(self, spec: TrialSpec) -> None:
         name = spec.tokenizer or spec.model
-        field = "tokenizer" if spec.tokenizer else "model"
+        field = "tokenizer"
         if name == "byte":
             return
         if looks_like_path(name):
             folder = Path(name).expanduser()
             if not folder.is_dir() or not has_tokenizer(folder):
                 raise ConfigError(None, field, f"{folder} has no tokenizer (tokenizer.json, tokenizer_config.json, "
-                                               f"tokenizer.model or vocab.json): set tokenizer to a folder, a hub "
-                                               f"id, or byte")
+                                               f"tokenizer.model or vocab.json): set tokenizer to a folder with "
+                                               f"one, a hub id, or byte")
             return
         if hub_file(name, "tokenizer_config.json", field) is None and hub_file(name, "tokenizer.json", field) is None:
             raise ConfigError(None, field, f"the hub repo {name!r} has no tokenizer")

@@ -255,11 +255,13 @@ def absolutize(raw: dict[str, Any]) -> dict[str, Any]:
     """Relative paths of a sweep resolved against the working directory, once, here: trials run in
     other processes and folders (Ray workers), where `sweeps/models/...` would mean nothing."""
     raw = dict(raw)
+    if not isinstance(raw.get("base") or {}, dict) or not isinstance(raw.get("tracking") or {}, dict):
+        return raw  # not mappings: validation names the field
     base = dict(raw.get("base") or {})
     for key in ("model", "tokenizer"):
         if key in base:
             base[key] = _absolute(base[key])
-    data = dict(base.get("data") or {})
+    data = dict(base.get("data") or {}) if isinstance(base.get("data") or {}, dict) else {}
     for key in ("train", "data_root"):
         if key in data:
             data[key] = _absolute(data[key])

@@ -107,12 +107,16 @@ class TrialSpec(_Section):
     seed: int = 42
 
 
+# pydantic names the member of a union a value failed in the location (`seed.int`, `seed.list[int]`).
+_UNION_MEMBER = re.compile(r"(int|float|str|bool|none|(list|dict|literal|function-\w+)\[.*\])", re.IGNORECASE)
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     # pydantic puts the discriminator value into the location (`adapter.lora.rank`): drop it.
     parts = [str(p) for p in loc]
     if len(parts) >= 2 and parts[0] == "adapter" and parts[1] in CONFIGS:
         parts.pop(1)
-    return ".".join(parts)
+    return ".".join(part for i, part in enumerate(parts) if not (i and _UNION_MEMBER.fullmatch(part)))
 
 
 def config_error_from(exc: ValidationError, file: str | None, prefix: str = "") -> ConfigError:
