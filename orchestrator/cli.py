@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 
 from workers.errors import ConfigError
 
@@ -166,7 +167,7 @@ def _make_storage(root: Path, file: str) -> None:
 
 def _finish(sweep: Any, rows: list[dict[str, Any]], failures: list[tuple[str, str]]) -> None:
     """The closing lines of `run` and `resume`: every trial, then the failed ones with their causes (exit 1)."""
-    from workers.tracking import redact_value
+    from workers.tracking import redact_text, redact_value
 
     _print_rows(rows)
     typer.echo(f"done: {len(rows)} trials in experiment {sweep.experiment!r} at {redact_value(sweep.tracking.uri)}")
@@ -174,7 +175,7 @@ def _finish(sweep: Any, rows: list[dict[str, Any]], failures: list[tuple[str, st
         typer.echo(f"failed: {len(failures)} trials", err=True)
         width = max(len(name) for name, _ in failures)
         for name, cause in failures:
-            typer.echo(f"  {name:<{width}}  {cause}", err=True)
+            typer.echo(f"  {name:<{width}}  {redact_text(cause)}", err=True)
         raise typer.Exit(1)
     typer.echo("compare them: adaptune ui   (MLflow UI on http://127.0.0.1:5000)")
 
@@ -233,9 +234,23 @@ def resume(
     storage: Annotated[Path, typer.Option(help="where sweeps keep their state")] = Path("runs"),
     address: Annotated[str | None, typer.Option(help="a Ray cluster to join")] = None,
     trust_remote_code: Annotated[bool, TRUST_REMOTE_CODE] = False,
+    sweep_file: Annotated[Path | None, typer.Option("--sweep", help="the original sweep file, when it holds "
+                                                                     "secrets (the saved copy has them removed)")]
+    = None,
 ) -> None:
     """Finish an interrupted sweep: unfinished trials resume, errored ones re-run, finished ones stay."""
+    from orchestrator.sweep import redacted_text
+    from workers.spec import read_yaml
+    from workers.tracking import REDACTED
+
     saved = _saved_sweep(name, storage)
+    if sweep_file is not None:
+        if yaml.safe_load(redacted_text(sweep_file)) != read_yaml(saved):
+            raise ConfigError(str(sweep_file), None, f"is not the file sweep {name!r} was started with ({saved})")
+        saved = sweep_file
+    elif REDACTED in saved.read_text():
+        raise ConfigError(str(saved), None, "the saved copy has its secrets removed: pass the original file "
+                                            f"with `adaptune resume {name} --sweep FILE`")
     sweep, points, _ = _prepare_sweep(saved, new=False, resume=True, trust_remote_code=trust_remote_code,
                                       address=address)
     from orchestrator.tune_driver import run as run_sweep

@@ -25,10 +25,12 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workers.errors import ConfigError
 from workers.spec import SafeName, TrialSpec, config_error_from, read_yaml
+from workers.tracking import redact
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 
@@ -285,6 +287,14 @@ def representatives(sweep: SweepSpec, file: str = "<sweep>") -> list[Point]:
         fields, axes = _branch_axes(sweep, file, b)
         points.append(_point(sweep, file, b, {**fields, **{k: _first(v) for k, v in axes.items()}}, []))
     return points
+
+
+def redacted_text(path: str | Path) -> str:
+    """The text of a sweep file less its secrets (`workers.tracking.redact`): what adaptune may copy or log."""
+    text = Path(path).read_text()
+    raw = yaml.safe_load(text)
+    clean = redact(raw)
+    return text if clean == raw else yaml.safe_dump(clean, sort_keys=False)
 
 
 def load_sweep(path: str | Path) -> tuple[SweepSpec, list[Point]]:

@@ -28,10 +28,10 @@ from rich.table import Table
 
 from orchestrator import mlflow_sweep
 from orchestrator.cluster import check_address, check_tracking, is_uri, probe_node, single_machine_uri
-from orchestrator.sweep import Point, SweepSpec, experiment_dir, optuna_space, point_from_optuna
+from orchestrator.sweep import Point, SweepSpec, experiment_dir, optuna_space, point_from_optuna, redacted_text
 from workers.errors import ConfigError, TrialFailed
 from workers.spec import trial_id
-from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus, redact_value
+from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus, redact_text
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def failures(results: Any) -> list[tuple[str, str]]:
         else:
             lines = [line for line in str(cause).splitlines() if line.strip()]
             text = f"{type(cause).__name__}: {lines[-1].strip() if lines else '(no message)'}"
-        out.append((name, redact_value(text.splitlines()[0] if text else type(cause).__name__)))
+        out.append((name, redact_text(text.splitlines()[0] if text else type(cause).__name__)))
     return sorted(out)
 
 
@@ -316,7 +316,7 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     root = experiment_dir(sweep)
     root.mkdir(parents=True, exist_ok=True)
     if not resume:
-        (root / "sweep.yaml").write_text(file.read_text())
+        (root / "sweep.yaml").write_text(redacted_text(file))
     uri = sweep.tracking.uri
     check_tracking(uri)
     address = cluster_address(address)

@@ -232,3 +232,17 @@ def test_a_multi_worker_trial_runs_through_ray_train(ray_local, tmp_path: Path, 
     summary = next((tmp_path / "runs" / "ddp" / "trials").glob("*/result/summary.json"))
     assert "adapter" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert summary.is_file()
+
+
+@pytest.mark.slow
+def test_failed_trials_make_run_exit_1_with_their_names_and_causes(ray_local, tmp_path, monkeypatch, capsys) -> None:
+    path = tiny_sweep(tmp_path, "fails", [{"type": "lora", "placement": [["q", "v"], ["up", "down"]], "rank": 4}])
+    raw = yaml.safe_load(path.read_text())
+    raw["base"]["data"]["cutoff_len"] = 8  # every prompt is longer: no response token is left to train on
+    path.write_text(yaml.safe_dump(raw))
+    code, out, err = run_cli(["run", str(path)], monkeypatch, capsys)
+    assert code == 1, err[-2000:]
+    table = err[err.index("failed: 2 trials"):].splitlines()
+    assert [line.split()[0] for line in table[1:3]] == ["lora-r4-qv", "lora-r4-ud"]
+    assert all("data.cutoff_len" in line for line in table[1:3])  # a ConfigError crossed Ray whole
+    assert "trial_function_" not in err + out
