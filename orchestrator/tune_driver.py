@@ -218,7 +218,20 @@ def connect(address: str | None) -> bool:
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         return False
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # A cluster started here serves this machine alone: its node address is the loopback, so what Ray binds
+    # to that address (its three Prometheus metrics endpoints) answers on 127.0.0.1 only. Ray takes the
+    # loopback where it would not span machines (its `ENABLE_RAY_CLUSTER` switch); restored once started.
+    from ray._private import ray_constants
+
+    spans = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = spans
+    token = Path.home() / ".ray" / "auth_token"  # the cluster's token, which Ray writes world-readable
+    if token.is_file() and token.stat().st_uid == os.getuid():
+        token.chmod(0o600)
     return True
 
 

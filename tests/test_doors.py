@@ -110,3 +110,30 @@ def test_names_are_one_safe_path_component(name: str) -> None:
 
     with pytest.raises(ValidationError):
         TrialSpec.model_validate({"name": name, "model": "m", "adapter": {"type": "prefix", "virtual_tokens": 2}})
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('code-ran').write_text('x')",))
+
+
+def test_checkpoints_load_weights_only_and_keep_rng_states(tmp_path: Path, monkeypatch) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    from workers.safe_checkpoint import SafeCheckpointEngine, rng_state, set_rng_state
+
+    monkeypatch.chdir(tmp_path)
+    engine = SafeCheckpointEngine()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    torch.save({"rng": [rng_state()], "global_step": 3}, tmp_path / "ok.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    set_rng_state(engine.load(str(tmp_path / "ok.pt"))["rng"][0])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    torch.save({"rng": _RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        engine.load(str(tmp_path / "evil.pt"))
+    assert not (tmp_path / "code-ran").exists()
