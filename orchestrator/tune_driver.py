@@ -31,7 +31,7 @@ from orchestrator.cluster import check_address, check_tracking, is_uri, probe_no
 from orchestrator.sweep import Point, SweepSpec, experiment_dir, optuna_space, point_from_optuna, redacted_text
 from workers.errors import ConfigError, TrialFailed
 from workers.spec import trial_id
-from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus, redact_text
+from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus, redact, redact_text
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,13 @@ class Context:
     workers: int
     use_gpu: bool
     cpus_per_worker: float
+    # The points whole: Tune's search space, which Ray stores on disk, holds them redacted, with an index.
+    points: tuple[dict[str, Any], ...] = ()
 
 
 def _point(config: dict[str, Any], ctx: Context) -> Point:
     if "point" in config:
-        return Point.model_validate(config["point"])
+        return Point.model_validate(ctx.points[config["point"]["index"]])
     return point_from_optuna(SweepSpec.model_validate(ctx.sweep), config)
 
 
@@ -318,7 +320,8 @@ def _tune_config(sweep: SweepSpec, points: list[Point], concurrency: int) -> tup
         config = tune.TuneConfig(search_alg=search, num_samples=sweep.search.num_samples, scheduler=scheduler,
                                  max_concurrent_trials=concurrency, reuse_actors=True)
         return {}, config
-    space = {"point": tune.grid_search([p.model_dump(mode="json") for p in points])}
+    space = {"point": tune.grid_search([{**redact(p.model_dump(mode="json")), "index": i}
+                                        for i, p in enumerate(points)])}
     # Reused actors keep torch, transformers and DeepSpeed imported: ~9 s saved per trial here.
     return space, tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrency, reuse_actors=True)
 
@@ -346,7 +349,8 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     r = sweep.resources
     ctx = Context(sweep=sweep.model_dump(mode="json"), root=str(root), tracking_uri=uri,
                   experiment=sweep.experiment, parent_run_id=parent, workers=r.workers_per_trial,
-                  use_gpu=r.gpus_per_trial > 0, cpus_per_worker=r.cpus_per_worker)
+                  use_gpu=r.gpus_per_trial > 0, cpus_per_worker=r.cpus_per_worker,
+                  points=tuple(p.model_dump(mode="json") for p in points))
     # A multi-worker trial's own actor only drives the Train run; its workers hold the resources.
     resources = ({"cpu": r.cpus_per_worker, "gpu": r.gpus_per_trial} if r.workers_per_trial == 1
                  else {"cpu": DRIVER_CPU})
