@@ -10,11 +10,13 @@ one (its `summary.json` is there).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +206,22 @@ class ProgressTable(tune.Callback):
             self.live.stop()
 
 
+# What Tune copies from the driver's environment into every trial's runtime env, which Ray's runtime env
+# agent then logs in clear.
+TUNE_PROPAGATED_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+@contextlib.contextmanager
+def _credentials_kept_home(started_here: bool) -> Iterator[None]:
+    """While Tune starts trials on a cluster started here, the credentials stay out of the driver's
+    environment: the cluster's processes inherited it already, and Tune would log them."""
+    saved = {k: os.environ.pop(k) for k in TUNE_PROPAGATED_SECRETS if started_here and k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def cluster_address(address: str | None) -> str | None:
     """The cluster to join: `--address`, else RAY_ADDRESS; None to start a local one."""
     address = address or os.environ.get("RAY_ADDRESS")
@@ -363,7 +381,8 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     else:
         space, tune_config = _tune_config(sweep, points, concurrency)
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
-    results = tuner.fit()
+    with _credentials_kept_home(started_here):
+        results = tuner.fit()
     failed = failures(results)
     rows = mlflow_sweep.finish_parent(uri, parent, failed=bool(failed), metric=sweep.search.metric,
                                       mode=sweep.search.mode)

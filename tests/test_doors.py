@@ -137,3 +137,29 @@ def test_checkpoints_load_weights_only_and_keep_rng_states(tmp_path: Path, monke
     with pytest.raises(Exception, match="Weights only load failed"):
         engine.load(str(tmp_path / "evil.pt"))
     assert not (tmp_path / "code-ran").exists()
+
+
+def test_the_spec_kept_beside_checkpoints_has_no_secret(tmp_path: Path) -> None:
+    from workers.job import check_resumable
+    from workers.spec import parse_trial_spec
+
+    spec = parse_trial_spec({"model": "m", "model_overrides": {"api_key": SECRETS[0], "hub": SECRETS[1]},
+                             "adapter": {"type": "prefix", "virtual_tokens": 2}})
+    check_resumable(spec, tmp_path)
+    check_resumable(spec, tmp_path)  # the same spec resumes
+    assert not any(s in (tmp_path / "spec.json").read_text() for s in SECRETS)
+
+
+def test_tune_gets_no_credentials_to_copy_into_runtime_envs(monkeypatch) -> None:
+    """Tune copies AWS_* from the driver into every trial's runtime env, which Ray logs in clear; a cluster
+    started here inherited them already, so they leave the driver's environment while Tune runs."""
+    import os
+
+    from orchestrator.tune_driver import _credentials_kept_home
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    with _credentials_kept_home(started_here=False):
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"  # a cluster joined needs them passed on
+    with _credentials_kept_home(started_here=True):
+        assert "AWS_SECRET_ACCESS_KEY" not in os.environ
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"

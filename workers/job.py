@@ -43,7 +43,7 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 def check_resumable(spec: TrialSpec, checkpoint_dir: Path) -> None:
     """Record the spec next to the checkpoints; refuse to resume a checkpoint of another spec."""
     recorded = checkpoint_dir / "spec.json"
-    current = spec.model_dump(mode="json", exclude=RESUMABLE_CHANGES)
+    current = redact(spec.model_dump(mode="json", exclude=RESUMABLE_CHANGES))  # no secret on disk
     if recorded.is_file():
         differing = _diff(json.loads(recorded.read_text()), current)
         if differing:
