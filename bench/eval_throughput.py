@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, CompileConfig, LlamaConfig, PreTrainedModel
 
-from workers.data import data_root, load_records, task_file
+from workers.data import load_records
 from workers.evaluate import generate_greedy
 from workers.model_loading import build_model, byte_tokenizer
 from workers.prompts import evaluation_prompt
+from workers.tasks import data_root, task_file
 
 # LLaMA shapes with random weights; `7b` is the shape of /work/shared/model-configs/llama-7b,
 # `1b` that of TinyLlama-1.1B, `tiny` the test model of sweeps/models/tiny-llama.

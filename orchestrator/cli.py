@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 
 from workers.errors import ConfigError
 
@@ -45,18 +46,29 @@ def _counts(spec: Any) -> dict[str, Any]:
     }
 
 
+def _no_remote_code(spec: Any, file: Path) -> Any:
+    """`spec` with trust_remote_code off: plan counts with the family's built-in code, never the folder's."""
+    if not spec.trust_remote_code:
+        return spec
+    typer.echo(f"note: {file}: trust_remote_code: ignored; plan never runs a model folder's code", err=True)
+    return spec.model_copy(update={"trust_remote_code": False})
+
+
 @app.command()
 def plan(
     spec_file: Annotated[Path, typer.Argument(help="a trial spec or a sweep file (YAML)")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Count trainable and base parameters from the model's config alone (no weights); sweeps per trial."""
+    from orchestrator.preflight import check_sweep, check_trial
     from workers.spec import load_trial_spec, read_yaml
 
     if "space" in read_yaml(spec_file):
         from orchestrator.sweep import load_sweep
 
         sweep, points = load_sweep(spec_file)
+        points = [p.model_copy(update={"spec": _no_remote_code(p.spec, spec_file)}) for p in points]
+        check_sweep(sweep, points, str(spec_file), training=False, trust_remote_code=False)
         try:
             rows = [{"trial": p.name, **_counts(p.spec)} for p in points]
         except ConfigError as exc:
@@ -69,7 +81,8 @@ def plan(
             typer.echo(f"  {row['trial']:<40} {row['trainable_params']:>14,}  {row['trainable_percent']:>8.4f}%"
                        f"  ~{row['est_weights_gib']:g} GiB weights+optimizer")
         return
-    spec = load_trial_spec(spec_file)
+    spec = _no_remote_code(load_trial_spec(spec_file), spec_file)
+    check_trial(spec, str(spec_file), training=False, trust_remote_code=False)
     try:
         result = _counts(spec)
     except ConfigError as exc:
@@ -83,44 +96,88 @@ def plan(
     typer.echo(f"  trainable share       {result['trainable_percent']:>15.4f}%")
 
 
-def _prepare_sweep(sweep_file: Path, *, new: bool, resume: bool) -> tuple[Any, list, Path]:
-    """Validate everything a sweep needs before Ray starts: the file, the store, the storage."""
+def _writable_folder(folder: Path, file: str, field: str | None) -> None:
+    """`folder` can be created (or is) a writable folder; checked without creating anything."""
     import os
+
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(file, field, f"{existing} is a file; expected a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(file, field, f"{existing} is not writable")
+
+
+def _check_store(uri: str, file: str, field: str | None = "tracking.uri") -> None:
+    """The tracking store answers (within seconds) and, where it is an SQLite file, is MLflow's."""
+    from orchestrator.cluster import check_tracking
+    from orchestrator.preflight import check_store
+
+    try:
+        check_tracking(uri)
+        check_store(uri)
+    except ConfigError as exc:
+        raise ConfigError(file, field, exc.message) from None
+
+
+def _prepare_sweep(sweep_file: Path, *, new: bool, resume: bool, trust_remote_code: bool,
+                   address: str | None) -> tuple[Any, list, Path]:
+    """Check everything a sweep needs before Ray starts, writing nothing: the file, every trial's model,
+    adapter and data (the pre-flight), the tracking store, the storage, the GPUs."""
+    import os
+
+    from orchestrator.preflight import check_sweep, memory_bytes
+    from orchestrator.sweep import experiment_dir, load_sweep
+
+    file = str(sweep_file)
+    sweep, points = load_sweep(sweep_file)
+    local = (address or os.environ.get("RAY_ADDRESS") or "local") == "local"
+    check_sweep(sweep, points, file, training=True, trust_remote_code=trust_remote_code,
+                memory=memory_bytes() if local else None)
+    _check_store(sweep.tracking.uri, file)
+    root = experiment_dir(sweep)
+    _writable_folder(root.parent, file, "storage")
+    if root.exists() and not resume and not new:
+        raise ConfigError(file, "name", f"a sweep named {sweep.name!r} exists in {root}: `adaptune resume "
+                                        f"{sweep.name}` or pass --new to start over")
+    if sweep.resources.gpus_per_trial and local:
+        import torch
+
+        if torch.cuda.device_count() < sweep.resources.gpus_per_trial:
+            raise ConfigError(file, "resources.gpus_per_trial",
+                              f"{sweep.resources.gpus_per_trial:g} GPUs per trial; this machine has "
+                              f"{torch.cuda.device_count()} (pass --address for a cluster)")
+    if trust_remote_code and any(p.spec.trust_remote_code for p in points):
+        typer.echo(f"{sweep_file}: trust_remote_code: the trials will run the Python files of their model "
+                   f"folders (--trust-remote-code)", err=True)
+    return sweep, points, root
+
+
+def _make_storage(root: Path, file: str) -> None:
+    """After every check, the sweep's storage folder; `--new` keeps an old sweep's folder under a dated name."""
     import shutil
     import time
 
-    from orchestrator.cluster import check_tracking
-    from orchestrator.sweep import load_sweep
-    from orchestrator.tune_driver import experiment_dir
-
-    sweep, points = load_sweep(sweep_file)
     try:
-        check_tracking(sweep.tracking.uri)
-    except ConfigError as exc:
-        raise ConfigError(str(sweep_file), "tracking.uri", exc.message) from None
-    root = experiment_dir(sweep)
-    parent = root.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
+        root.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(str(sweep_file), "storage", f"cannot create {parent}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(str(sweep_file), "storage", f"{parent} is not writable")
-    if root.exists() and not resume:
-        if not new:
-            raise ConfigError(str(sweep_file), "name",
-                              f"a sweep named {sweep.name!r} exists in {root}: `adaptune resume {sweep.name}` "
-                              "or pass --new to start over")
+        raise ConfigError(file, "storage", f"cannot create {root.parent}: {exc.strerror}") from None
+    if root.exists():
         shutil.move(root, root.with_name(f"{root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
-    if not sweep.resources.gpus_per_trial:
-        return sweep, points, root
-    import torch
 
-    if torch.cuda.device_count() < sweep.resources.gpus_per_trial and os.environ.get("RAY_ADDRESS") is None:
-        raise ConfigError(str(sweep_file), "resources.gpus_per_trial",
-                          f"{sweep.resources.gpus_per_trial:g} GPUs per trial; this machine has "
-                          f"{torch.cuda.device_count()} (pass --address for a cluster)")
-    return sweep, points, root
+
+def _finish(sweep: Any, rows: list[dict[str, Any]], failures: list[tuple[str, str]]) -> None:
+    """The closing lines of `run` and `resume`: every trial, then the failed ones with their causes (exit 1)."""
+    from workers.tracking import redact_text, redact_value
+
+    _print_rows(rows)
+    typer.echo(f"done: {len(rows)} trials in experiment {sweep.experiment!r} at {redact_value(sweep.tracking.uri)}")
+    if failures:
+        typer.echo(f"failed: {len(failures)} trials", err=True)
+        width = max(len(name) for name, _ in failures)
+        for name, cause in failures:
+            typer.echo(f"  {name:<{width}}  {redact_text(cause)}", err=True)
+        raise typer.Exit(1)
+    typer.echo("compare them: adaptune ui   (MLflow UI on http://127.0.0.1:5000)")
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
@@ -130,29 +187,45 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
         typer.echo(f"  {row['trial']:<40} {row['status']:<10} accuracy {shown}")
 
 
+TRUST_REMOTE_CODE = typer.Option("--trust-remote-code",
+                                 help="allow trials whose file sets trust_remote_code to run their model folder's code")
+
+
 @app.command()
 def run(
     sweep_file: Annotated[Path, typer.Argument(help="a sweep file (YAML)")] = Path("sweeps/demo.yaml"),
     address: Annotated[str | None, typer.Option(help="a Ray cluster to join (default: a local one)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and list the trials, run nothing")] = False,
     new: Annotated[bool, typer.Option("--new", help="start over although a sweep of this name exists")] = False,
+    trust_remote_code: Annotated[bool, TRUST_REMOTE_CODE] = False,
 ) -> None:
     """Run a sweep on Ray Tune; every trial is a nested MLflow run under the sweep's parent run."""
+    sweep, points, root = _prepare_sweep(sweep_file, new=new, resume=False, trust_remote_code=trust_remote_code,
+                                         address=address)
     if dry_run:
-        from orchestrator.sweep import load_sweep
-
-        sweep, points = load_sweep(sweep_file)
         typer.echo(f"{sweep_file}: sweep {sweep.name}, {len(points)} trials")
         for p in points:
             typer.echo(f"  {p.name}")
         return
     from orchestrator.tune_driver import run as run_sweep
 
-    sweep, points, _ = _prepare_sweep(sweep_file, new=new, resume=False)
-    rows = run_sweep(sweep, points, sweep_file, address=address, resume=False)
-    _print_rows(rows)
-    typer.echo(f"done: {len(rows)} trials in experiment {sweep.experiment!r} at {sweep.tracking.uri}")
-    typer.echo("compare them: adaptune ui   (MLflow UI on http://127.0.0.1:5000)")
+    _make_storage(root, str(sweep_file))
+    rows, failures = run_sweep(sweep, points, sweep_file, address=address, resume=False)
+    _finish(sweep, rows, failures)
+
+
+def _saved_sweep(name: str, storage: Path) -> Path:
+    """The copy of sweep `name` in `storage`, or a `ConfigError`."""
+    from workers.spec import safe_name
+
+    try:
+        safe_name(name)
+    except ValueError as exc:
+        raise ConfigError(None, "NAME", f"{exc} (got {name!r})") from None
+    saved = storage / name / "sweep.yaml"
+    if not saved.is_file():
+        raise ConfigError(str(saved), None, f"no sweep named {name!r} in {storage}")
+    return saved
 
 
 @app.command()
@@ -160,17 +233,30 @@ def resume(
     name: Annotated[str, typer.Argument(help="the sweep's name")],
     storage: Annotated[Path, typer.Option(help="where sweeps keep their state")] = Path("runs"),
     address: Annotated[str | None, typer.Option(help="a Ray cluster to join")] = None,
+    trust_remote_code: Annotated[bool, TRUST_REMOTE_CODE] = False,
+    sweep_file: Annotated[Path | None, typer.Option("--sweep", help="the original sweep file, when it holds "
+                                                                     "secrets (the saved copy has them removed)")]
+    = None,
 ) -> None:
     """Finish an interrupted sweep: unfinished trials resume, errored ones re-run, finished ones stay."""
+    from orchestrator.sweep import redacted_text
+    from workers.spec import read_yaml
+    from workers.tracking import REDACTED
+
+    saved = _saved_sweep(name, storage)
+    if sweep_file is not None:
+        if yaml.safe_load(redacted_text(sweep_file)) != read_yaml(saved):
+            raise ConfigError(str(sweep_file), None, f"is not the file sweep {name!r} was started with ({saved})")
+        saved = sweep_file
+    elif REDACTED in saved.read_text():
+        raise ConfigError(str(saved), None, "the saved copy has its secrets removed: pass the original file "
+                                            f"with `adaptune resume {name} --sweep FILE`")
+    sweep, points, _ = _prepare_sweep(saved, new=False, resume=True, trust_remote_code=trust_remote_code,
+                                      address=address)
     from orchestrator.tune_driver import run as run_sweep
 
-    saved = storage / name / "sweep.yaml"
-    if not saved.is_file():
-        raise ConfigError(str(saved), None, f"no sweep named {name!r} in {storage}")
-    sweep, points, _ = _prepare_sweep(saved, new=False, resume=True)
-    rows = run_sweep(sweep, points, saved, address=address, resume=True)
-    _print_rows(rows)
-    typer.echo(f"done: {len(rows)} trials; adaptune ui to compare them")
+    rows, failures = run_sweep(sweep, points, saved, address=address, resume=True)
+    _finish(sweep, rows, failures)
 
 
 @app.command()
@@ -182,11 +268,13 @@ def status(
     from orchestrator.mlflow_sweep import sweep_status
     from orchestrator.sweep import load_sweep
 
-    files = [storage / name / "sweep.yaml"] if name else sorted(storage.glob("*/sweep.yaml"))
-    if name and not files[0].is_file():
-        raise ConfigError(str(files[0]), None, f"no sweep named {name!r} in {storage}")
+    files = [_saved_sweep(name, storage)] if name else sorted(storage.glob("*/sweep.yaml"))
     for file in files:
         sweep, _ = load_sweep(file)
+        if _missing_store(sweep.tracking.uri):
+            typer.echo(f"{sweep.name}: no MLflow run yet")
+            continue
+        _check_store(sweep.tracking.uri, str(file))
         found = sweep_status(sweep.tracking.uri, sweep.experiment, sweep.name)
         if found is None:
             typer.echo(f"{sweep.name}: no MLflow run yet")
@@ -194,6 +282,11 @@ def status(
         state, rows = found
         typer.echo(f"{sweep.name}: {state}, {len(rows)} trials")
         _print_rows(rows)
+
+
+def _missing_store(uri: str) -> bool:
+    """An SQLite store whose file does not exist (reading it would create it)."""
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).expanduser().exists()
 
 
 @app.command()
@@ -209,15 +302,17 @@ def report(
     from orchestrator.mlflow_sweep import MlflowTrials, parent_run_id
     from orchestrator.report import collect, table, unfinished, verdict, write_report
     from orchestrator.sweep import load_sweep
+    from workers.tracking import redact_value
 
-    saved = storage / name / "sweep.yaml"
-    if not saved.is_file():
-        raise ConfigError(str(saved), None, f"no sweep named {name!r} in {storage}")
+    saved = _saved_sweep(name, storage)
     sweep, _ = load_sweep(saved)
     uri = sweep.tracking.uri
-    parent = parent_run_id(uri, sweep.experiment, sweep.name)
+    if not _missing_store(uri):
+        _check_store(uri, str(saved))
+    parent = None if _missing_store(uri) else parent_run_id(uri, sweep.experiment, sweep.name)
     if parent is None:
-        raise ConfigError(str(saved), "tracking", f"no MLflow run of sweep {name!r} in {uri} ({sweep.experiment})")
+        raise ConfigError(str(saved), "tracking", f"no MLflow run of sweep {name!r} in {redact_value(uri)} "
+                                                  f"({sweep.experiment})")
     summary = collect(MlflowTrials(uri, parent), metric=sweep.search.metric, mode=sweep.search.mode)
     path = write_report(summary, out or storage / name / "report")
     Console(width=max(Console().width, 140)).print(table(summary))
@@ -247,21 +342,29 @@ def trial(
     tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI")] = "sqlite:///mlflow.db",
     experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "adaptune-trials",
     checkpoint_dir: Annotated[Path | None, typer.Option(help="default: runs/trials/<trial id>")] = None,
+    trust_remote_code: Annotated[bool, TRUST_REMOTE_CODE] = False,
 ) -> None:
     """Fine-tune and evaluate one trial in this process (under torchrun: data-parallel); resumable."""
     import os
 
-    from workers.job import run_trial
+    from orchestrator.preflight import check_trial, memory_bytes
     from workers.spec import load_trial_spec, trial_id
-    from workers.tracking import SPOOL, MemoryTracker, MlflowTracker, TrialStatus, check_tracking_uri
 
     spec = load_trial_spec(spec_file)
-    try:
-        check_tracking_uri(tracking_uri)
-    except ConfigError as exc:
-        raise ConfigError("--tracking-uri", None, exc.message) from None
+    import torch
+
+    check_trial(spec, str(spec_file), training=True, trust_remote_code=trust_remote_code, memory=memory_bytes(),
+                gpus=float(torch.cuda.device_count()))
+    _check_store(tracking_uri, "--tracking-uri", None)
     ident = trial_id(spec)
     folder = checkpoint_dir or Path("runs") / "trials" / ident
+    _writable_folder(folder, "--checkpoint-dir", None)
+    if spec.trust_remote_code:
+        typer.echo(f"{spec_file}: trust_remote_code: running the Python files of {spec.model} "
+                   f"(--trust-remote-code)", err=True)
+    from workers.job import run_trial
+    from workers.tracking import SPOOL, MemoryTracker, MlflowTracker, TrialStatus, redact_value
+
     # Under torchrun every rank runs this command; only rank 0 writes the MLflow run.
     rank0 = int(os.environ.get("RANK", "0")) == 0
     tracker = (MlflowTracker(tracking_uri, experiment, spec.name or spec.adapter.short_name(), trial_id=ident,
@@ -279,7 +382,7 @@ def trial(
     if result.status != TrialStatus.SUCCEEDED:
         typer.echo(f"  error: {result.error}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"adapter: {result.adapter_dir}   MLflow: {tracking_uri} (adaptune ui)")
+    typer.echo(f"adapter: {result.adapter_dir}   MLflow: {redact_value(tracking_uri)} (adaptune ui)")
 
 
 @app.command("eval")
@@ -300,15 +403,12 @@ def eval_command(
     template: Annotated[str, typer.Option(help="paper | alpaca prompt template")] = "paper",
 ) -> None:
     """Evaluate a base model (zero-shot) or a base model with an adapter on the paper's tasks."""
-    import torch
     from pydantic import ValidationError
 
-    from workers.adapters.io import load_adapter, read_adapter_config
-    from workers.data import data_root as resolve_root
-    from workers.data import task, task_file
-    from workers.evaluate import evaluate
-    from workers.model_loading import build_model, load_tokenizer
+    from orchestrator.model_shape import WEIGHT_FILES, has_weights, looks_like_path
     from workers.spec import EvalSpec, config_error_from
+    from workers.tasks import data_root as resolve_root
+    from workers.tasks import task, task_file
 
     try:
         spec = EvalSpec(protocol=protocol, scoring=scoring, max_new_tokens=max_new_tokens,
@@ -320,8 +420,20 @@ def eval_command(
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     root = resolve_root(data_root)
     for name in names:  # every set is checked before the model loads
-        task(name)
+        try:
+            task(name)
+        except ConfigError as exc:
+            raise ConfigError(None, "--tasks", exc.message) from None
         task_file(name, root)
+    if not random_init and looks_like_path(model) and not has_weights(Path(model).expanduser()):
+        raise ConfigError(None, "--model", f"{model} has no weights ({', '.join(WEIGHT_FILES)}); "
+                                           f"pass --random-init for random weights from its config")
+    import torch
+
+    from workers.adapters.io import load_adapter, read_adapter_config
+    from workers.evaluate import evaluate
+    from workers.model_loading import build_model, load_tokenizer
+
     if adapter is not None:
         read_adapter_config(adapter)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -83,8 +83,8 @@ def start_parent(uri: str, sweep: SweepSpec, file: Path, points: Sequence[Point]
         copy.write_text(yaml.safe_dump(redact(yaml.safe_load(file.read_text())), sort_keys=False))
         client.log_artifact(run_id, str(copy), artifact_path="sweep")
         space = Path(tmp) / "expanded_space.json"
-        space.write_text(json.dumps([{"name": p.name, "branch": p.branch, "values": p.values,
-                                      "spec": p.spec.model_dump(mode="json")} for p in points], indent=1))
+        space.write_text(json.dumps([{"name": p.name, "branch": p.branch, "values": redact(p.values),
+                                      "spec": redact(p.spec.model_dump(mode="json"))} for p in points], indent=1))
         client.log_artifact(run_id, str(space), artifact_path="sweep")
     return run_id
 

@@ -26,10 +26,12 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workers.errors import ConfigError
-from workers.spec import TrialSpec, config_error_from, read_yaml
+from workers.spec import SafeName, TrialSpec, config_error_from, read_yaml
+from workers.tracking import redact
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 
@@ -68,7 +70,7 @@ class TrackingSpec(_Section):
 
 
 class SweepSpec(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: SafeName
     base: dict[str, Any]
     train: dict[str, Any] = Field(default_factory=dict)
     seed: int | list[int] = 42
@@ -161,14 +163,30 @@ def _where(key: str, branch: int) -> str:
     return f"space[{branch}].{key.removeprefix('adapter.')}" if key.startswith("adapter.") else key
 
 
+def field_in_file(sweep: SweepSpec, branch: int, field: str) -> str:
+    """Where a trial spec's `field` (`adapter.rank`, `data.train`) of branch `branch` is written in the file."""
+    if field == "adapter" or field.startswith("adapter."):
+        return f"space[{branch}]{field.removeprefix('adapter')}"
+    written = sweep.space[branch]
+    if field == "seed":
+        return f"space[{branch}].seed" if "seed" in written else "seed"
+    if field == "train":
+        return field
+    if field.startswith("train."):
+        name = field.removeprefix("train.").split(".")[0]
+        if name in (written.get("train") or {}):
+            return f"space[{branch}].{field}"
+        if name in sweep.train:
+            return field
+    return f"base.{field}" if field else "base"
+
+
 def _point(sweep: SweepSpec, file: str, branch: int, fields: dict[str, Any], varying: list[str]) -> Point:
     try:
         spec = TrialSpec.model_validate(_trial_dict(sweep, fields))
     except ValidationError as exc:
         err = config_error_from(exc, file)
-        field = err.field or ""
-        where = f"space[{branch}]" if field == "adapter" else _where(field, branch)
-        raise ConfigError(file, where, err.message) from None
+        raise ConfigError(file, field_in_file(sweep, branch, err.field or ""), err.message) from None
     return Point(branch=branch, values={k: fields[k] for k in varying}, spec=spec)
 
 
@@ -243,11 +261,13 @@ def absolutize(raw: dict[str, Any]) -> dict[str, Any]:
     """Relative paths of a sweep resolved against the working directory, once, here: trials run in
     other processes and folders (Ray workers), where `sweeps/models/...` would mean nothing."""
     raw = dict(raw)
+    if not isinstance(raw.get("base") or {}, dict) or not isinstance(raw.get("tracking") or {}, dict):
+        return raw  # not mappings: validation names the field
     base = dict(raw.get("base") or {})
     for key in ("model", "tokenizer"):
         if key in base:
             base[key] = _absolute(base[key])
-    data = dict(base.get("data") or {})
+    data = dict(base.get("data") or {}) if isinstance(base.get("data") or {}, dict) else {}
     for key in ("train", "data_root"):
         if key in data:
             data[key] = _absolute(data[key])
@@ -264,6 +284,23 @@ def absolutize(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def representatives(sweep: SweepSpec, file: str = "<sweep>") -> list[Point]:
+    """One validated point per branch, at the first value of every axis: what an Optuna sweep can be checked by."""
+    points = []
+    for b in range(len(sweep.space)):
+        fields, axes = _branch_axes(sweep, file, b)
+        points.append(_point(sweep, file, b, {**fields, **{k: _first(v) for k, v in axes.items()}}, []))
+    return points
+
+
+def redacted_text(path: str | Path) -> str:
+    """The text of a sweep file less its secrets (`workers.tracking.redact`): what adaptune may copy or log."""
+    text = Path(path).read_text()
+    raw = yaml.safe_load(text)
+    clean = redact(raw)
+    return text if clean == raw else yaml.safe_dump(clean, sort_keys=False)
+
+
 def load_sweep(path: str | Path) -> tuple[SweepSpec, list[Point]]:
     """Read, validate and expand a sweep file; every error names the file and the field."""
     file = str(path)
@@ -273,10 +310,7 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, list[Point]]:
     except ValidationError as exc:
         raise config_error_from(exc, file) from None
     if sweep.search.algorithm == "optuna":
-        # Optuna draws points while the sweep runs: validate each branch at a representative point.
-        for b in range(len(sweep.space)):
-            fields, axes = _branch_axes(sweep, file, b)
-            _point(sweep, file, b, {**fields, **{k: _first(v) for k, v in axes.items()}}, [])
+        representatives(sweep, file)  # Optuna draws points while the sweep runs
         return sweep, []
     points = expand(sweep, file)
     names = [p.name for p in points]
@@ -284,6 +318,11 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, list[Point]]:
     if dupes:
         raise ConfigError(file, "space", f"two trials would be the same point: {', '.join(dupes[:3])}")
     return sweep, points
+
+
+def experiment_dir(sweep: SweepSpec) -> Path:
+    """The folder of a sweep's state: `<storage>/<name>`."""
+    return Path(sweep.storage).expanduser().resolve() / sweep.name
 
 
 def optuna_space(sweep: SweepSpec) -> Any:

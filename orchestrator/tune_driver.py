@@ -10,11 +10,13 @@ one (its `summary.json` is there).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +31,10 @@ from rich.table import Table
 from orchestrator import mlflow_sweep
 from orchestrator.cluster import check_address, check_tracking, is_uri, probe_node, single_machine_uri
 from orchestrator.heartbeat import HEARTBEAT, Heartbeat, driver_gone
-from orchestrator.sweep import Point, SweepSpec, optuna_space, point_from_optuna
-from workers.errors import ConfigError
+from orchestrator.sweep import Point, SweepSpec, experiment_dir, optuna_space, point_from_optuna, redacted_text
+from workers.errors import ConfigError, TrialFailed
 from workers.spec import trial_id
-from workers.tracking import SPOOL, MemoryTracker, MlflowTracker, TrialStatus
+from workers.tracking import SPOOL, MemoryTracker, MlflowTracker, TrialStatus, redact, redact_text
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,13 @@ class Context:
     use_gpu: bool
     cpus_per_worker: float
     max_outage_s: float
+    # The points whole: Tune's search space, which Ray stores on disk, holds them redacted, with an index.
+    points: tuple[dict[str, Any], ...] = ()
 
 
 def _point(config: dict[str, Any], ctx: Context) -> Point:
     if "point" in config:
-        return Point.model_validate(config["point"])
+        return Point.model_validate(ctx.points[config["point"]["index"]])
     return point_from_optuna(SweepSpec.model_validate(ctx.sweep), config)
 
 
@@ -70,7 +74,25 @@ def _tracker(ctx: Context, point: Point, tid: str) -> MlflowTracker:
 def _raise_unless_done(status: TrialStatus, error: str | None, name: str) -> None:
     # An errored Tune trial is re-run by `adaptune resume`; OOM is final and not retried blindly.
     if status == TrialStatus.FAILED:
-        raise RuntimeError(f"trial {name} failed: {error}")
+        raise TrialFailed(error or f"trial {name} failed")
+
+
+def failures(results: Any) -> list[tuple[str, str]]:
+    """(name, one-line cause) of every trial of a Tune result grid that ended in an error."""
+    out = []
+    for result in results:
+        if result.error is None:
+            continue
+        config = result.config or {}
+        name = Point.model_validate(config["point"]).name if "point" in config else result.path.rsplit("/", 1)[-1]
+        cause = getattr(result.error, "cause", None) or result.error
+        if isinstance(cause, TrialFailed | ConfigError):
+            text = str(cause)
+        else:
+            lines = [line for line in str(cause).splitlines() if line.strip()]
+            text = f"{type(cause).__name__}: {lines[-1].strip() if lines else '(no message)'}"
+        out.append((name, redact_text(text.splitlines()[0] if text else type(cause).__name__)))
+    return sorted(out)
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -189,6 +211,22 @@ class ProgressTable(tune.Callback):
             self.live.stop()
 
 
+# What Tune copies from the driver's environment into every trial's runtime env, which Ray's runtime env
+# agent then logs in clear.
+TUNE_PROPAGATED_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+@contextlib.contextmanager
+def _credentials_kept_home(started_here: bool) -> Iterator[None]:
+    """While Tune starts trials on a cluster started here, the credentials stay out of the driver's
+    environment: the cluster's processes inherited it already, and Tune would log them."""
+    saved = {k: os.environ.pop(k) for k in TUNE_PROPAGATED_SECRETS if started_here and k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def cluster_address(address: str | None) -> str | None:
     """The cluster to join: `--address`, else RAY_ADDRESS; None to start a local one."""
     address = address or os.environ.get("RAY_ADDRESS")
@@ -205,7 +243,20 @@ def connect(address: str | None) -> bool:
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         return False
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # A cluster started here serves this machine alone: its node address is the loopback, so what Ray binds
+    # to that address (its three Prometheus metrics endpoints) answers on 127.0.0.1 only. Ray takes the
+    # loopback where it would not span machines (its `ENABLE_RAY_CLUSTER` switch); restored once started.
+    from ray._private import ray_constants
+
+    spans = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = spans
+    token = Path.home() / ".ray" / "auth_token"  # the cluster's token, which Ray writes world-readable
+    if token.is_file() and token.stat().st_uid == os.getuid():
+        token.chmod(0o600)
     return True
 
 
@@ -292,22 +343,19 @@ def _tune_config(sweep: SweepSpec, points: list[Point], concurrency: int) -> tup
         config = tune.TuneConfig(search_alg=search, num_samples=sweep.search.num_samples, scheduler=scheduler,
                                  max_concurrent_trials=concurrency, reuse_actors=True)
         return {}, config
-    space = {"point": tune.grid_search([p.model_dump(mode="json") for p in points])}
+    space = {"point": tune.grid_search([{**redact(p.model_dump(mode="json")), "index": i}
+                                        for i, p in enumerate(points)])}
     # Reused actors keep torch, transformers and DeepSpeed imported: ~9 s saved per trial here.
     return space, tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrency, reuse_actors=True)
 
 
-def experiment_dir(sweep: SweepSpec) -> Path:
-    return Path(sweep.storage).expanduser().resolve() / sweep.name
-
-
 def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | None, resume: bool,
-        progress: bool = True) -> list[dict[str, Any]]:
-    """Run (or resume) a sweep to the end; returns the summary rows of its trials."""
+        progress: bool = True) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Run (or resume) a sweep to the end; returns the summary rows of its trials and its failures."""
     root = experiment_dir(sweep)
     root.mkdir(parents=True, exist_ok=True)
     if not resume:
-        (root / "sweep.yaml").write_text(file.read_text())
+        (root / "sweep.yaml").write_text(redacted_text(file))
     uri = sweep.tracking.uri
     check_tracking(uri)
     address = cluster_address(address)
@@ -325,7 +373,8 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     ctx = Context(sweep=sweep.model_dump(mode="json"), root=str(root), tracking_uri=uri,
                   experiment=sweep.experiment, parent_run_id=parent, workers=r.workers_per_trial,
                   use_gpu=r.gpus_per_trial > 0, cpus_per_worker=r.cpus_per_worker,
-                  max_outage_s=sweep.tracking.max_outage_s)
+                  max_outage_s=sweep.tracking.max_outage_s,
+                  points=tuple(p.model_dump(mode="json") for p in points))
     # A multi-worker trial's own actor only drives the Train run; its workers hold the resources.
     resources = ({"cpu": r.cpus_per_worker, "gpu": r.gpus_per_trial} if r.workers_per_trial == 1
                  else {"cpu": DRIVER_CPU})
@@ -338,8 +387,9 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     else:
         space, tune_config = _tune_config(sweep, points, concurrency)
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
-    with Heartbeat(root / HEARTBEAT):
+    with Heartbeat(root / HEARTBEAT), _credentials_kept_home(started_here):
         results = tuner.fit()
-    failed = any(res.error is not None for res in results)
-    return mlflow_sweep.finish_parent(uri, parent, failed=failed, metric=sweep.search.metric,
+    failed = failures(results)
+    rows = mlflow_sweep.finish_parent(uri, parent, failed=bool(failed), metric=sweep.search.metric,
                                       mode=sweep.search.mode)
+    return rows, failed

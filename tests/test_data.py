@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from test_prompts import FINETUNE_NO_INPUT
 from tiny_models import tiny_model
 
-from workers import data
+from workers import data, tasks
 from workers.data import (
     build_train_data,
     collate,
@@ -26,12 +26,12 @@ from workers.spec import DataSpec
 
 
 def test_every_task_resolves_to_its_folder(shared_data: Path) -> None:
-    present = {name for name in data.TASKS if name != "hellaswag"}
+    present = {name for name in tasks.TASKS if name != "hellaswag"}
     for name in present:
         assert load_records(task_file(name, shared_data)).num_rows > 0
     with pytest.raises(ConfigError, match=r"no test file for task 'hellaswag'.*data root"):
         task_file("hellaswag", shared_data)
-    assert set(data.MATH_TASKS) | set(data.COMMONSENSE_TASKS) == set(data.TASKS)
+    assert set(tasks.MATH_TASKS) | set(tasks.COMMONSENSE_TASKS) == set(tasks.TASKS)
 
 
 RECORD = {"instruction": "What is 2 + 3?", "input": "", "output": "The answer is 5.", "answer": "5"}

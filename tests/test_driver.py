@@ -232,3 +232,46 @@ def test_a_multi_worker_trial_runs_through_ray_train(ray_local, tmp_path: Path, 
     summary = next((tmp_path / "runs" / "ddp" / "trials").glob("*/result/summary.json"))
     assert "adapter" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert summary.is_file()
+
+
+@pytest.mark.slow
+def test_failed_trials_make_run_exit_1_with_their_names_and_causes(ray_local, tmp_path, monkeypatch, capsys) -> None:
+    path = tiny_sweep(tmp_path, "fails", [{"type": "lora", "placement": [["q", "v"], ["up", "down"]], "rank": 4}])
+    raw = yaml.safe_load(path.read_text())
+    raw["base"]["data"]["cutoff_len"] = 8  # every prompt is longer: no response token is left to train on
+    path.write_text(yaml.safe_dump(raw))
+    code, out, err = run_cli(["run", str(path)], monkeypatch, capsys)
+    assert code == 1, err[-2000:]
+    table = err.rstrip().splitlines()[-3:]  # the closing lines: the failed trials by name, with their causes
+    assert table[0] == "failed: 2 trials"
+    assert [line.split()[0] for line in table[1:]] == ["lora-r4-qv", "lora-r4-ud"]
+    assert all("data.cutoff_len" in line for line in table[1:])  # a ConfigError crossed Ray whole
+    assert "done: 2 trials" in out
+
+
+def test_a_trials_errors_cross_ray_whole(tmp_path: Path) -> None:
+    """A ConfigError raised in a trial reaches the driver with its file, field and message (it once
+    arrived as `TypeError: ConfigError.__init__() missing 2 required positional arguments`)."""
+    import pickle
+
+    from ray import cloudpickle
+    from ray.exceptions import RayTaskError
+
+    from orchestrator.tune_driver import failures
+    from workers.errors import ConfigError, TrialFailed
+
+    error = RayTaskError("trial_function", "Traceback ...", ConfigError("/d/x.json", "data.cutoff_len", "too short"))
+    crossed = cloudpickle.loads(cloudpickle.dumps(error.as_instanceof_cause()))
+    assert isinstance(crossed.cause, ConfigError) and crossed.cause.field == "data.cutoff_len"
+
+    class Result:
+        def __init__(self, err, point) -> None:
+            self.error, self.config, self.path = err, {"point": point}, "/r/trial_function_0001"
+
+    _, points = load_sweep(tiny_sweep(tmp_path, "x", FOUR))
+    rows = failures([Result(crossed, points[0].model_dump(mode="json")),
+                     Result(pickle.loads(pickle.dumps(TrialFailed("StopIteration (no message) at p.py:3"))),
+                            points[1].model_dump(mode="json")),
+                     Result(None, points[2].model_dump(mode="json"))])
+    assert rows == sorted([(points[0].name, "/d/x.json: data.cutoff_len: too short"),
+                           (points[1].name, "StopIteration (no message) at p.py:3")])

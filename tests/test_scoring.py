@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from workers.data import TASKS
 from workers.evaluate import EvalResult, TaskResult
 from workers.scoring import extract, is_correct
+from workers.tasks import TASKS
 
 GSM8K, AQUA, BOOLQ = TASKS["gsm8k"], TASKS["aqua"], TASKS["boolq"]
 

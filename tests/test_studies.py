@@ -1,7 +1,8 @@
 """The paper's studies in sweeps/paper: each one validated and counted through `adaptune plan`.
 
 The study files name hub models; with no network here, each is planned on the shared config.json
-of the same model (meta device, no weights): only `base.model` changes.
+of the same model (meta device, no weights): only `base.model` changes. Their data sets, which the
+pre-flight reads, resolve against a data root of small stand-ins.
 """
 
 from __future__ import annotations
@@ -29,7 +30,24 @@ MATH_SETS = {"gsm8k", "aqua", "mawps", "svamp"}
 COMMONSENSE_SETS = {"boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa"}
 
 
+def stand_in_data(root: Path) -> Path:
+    """A data root with a small stand-in file for every set the studies name (the pre-flight reads them)."""
+    from workers.tasks import TASKS, TRAIN_SETS
+
+    def records(prefix: str) -> str:
+        return json.dumps([{"instruction": f"{prefix} {i}", "output": "1", "answer": "1"} for i in range(200)])
+
+    for name in TRAIN_SETS.values():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(records("train"))
+    for task in TASKS.values():
+        (root / "dataset" / task.folder).mkdir(parents=True, exist_ok=True)
+        (root / "dataset" / task.folder / "test.json").write_text(records(task.name))
+    return root
+
+
 def plan(study: Path, tmp_path: Path, model_configs: Path, monkeypatch, capsys) -> tuple[dict, dict]:
+    monkeypatch.setenv("ADAPTUNE_DATA", str(stand_in_data(tmp_path / "data")))
     raw = yaml.safe_load(study.read_text())
     local = dict(raw, base={**raw["base"], "model": str(model_configs / CONFIG_FOLDER[raw["base"]["model"]])})
     path = tmp_path / study.name

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from workers.data import Task, custom_task, is_custom, load_records, task, task_file
+from workers.data import custom_task, load_records
 from workers.prompts import Template, evaluation_prompt
 from workers.scoring import extract, is_correct
+from workers.tasks import Task, is_custom, task, task_file
 
 if TYPE_CHECKING:
     from workers.spec import EvalSpec

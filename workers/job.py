@@ -44,7 +44,7 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 def check_resumable(spec: TrialSpec, checkpoint_dir: Path) -> None:
     """Record the spec next to the checkpoints; refuse to resume a checkpoint of another spec."""
     recorded = checkpoint_dir / "spec.json"
-    current = spec.model_dump(mode="json", exclude=RESUMABLE_CHANGES)
+    current = redact(spec.model_dump(mode="json", exclude=RESUMABLE_CHANGES))  # no secret on disk
     if recorded.is_file():
         differing = _diff(json.loads(recorded.read_text()), current)
         if differing:
@@ -65,6 +65,16 @@ def _memory_figures() -> str:
     return (f"allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB, reserved "
             f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB, peak {torch.cuda.max_memory_allocated() / 2**30:.2f}"
             f" GiB, free {free / 2**30:.2f} of {total / 2**30:.2f} GiB")
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: message` of an error; where it was raised when it has no message (`StopIteration`)."""
+    text = str(exc).strip().splitlines()
+    if text:
+        return f"{type(exc).__name__}: {text[0]}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    return f"{type(exc).__name__} (no message){where}"
 
 
 def run_trial(
@@ -105,7 +115,7 @@ def run_trial(
         error = "".join(traceback.format_exception(exc))
         tracker.set_tags({ERROR_TAG: error[-5000:]})
         tracker.finish(TrialStatus.FAILED)
-        return TrialResult(TrialStatus.FAILED, {}, error=f"{type(exc).__name__}: {exc}")
+        return TrialResult(TrialStatus.FAILED, {}, error=one_line(exc))
 
 
 def _run(

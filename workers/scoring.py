@@ -23,7 +23,7 @@ import math
 import re
 from typing import Literal
 
-from workers.data import Task
+from workers.tasks import Task
 
 Scoring = Literal["paper", "strict"]
 

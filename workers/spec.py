@@ -8,14 +8,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from workers.adapters.config import CONFIGS, AdapterSpec
 from workers.errors import ConfigError
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def safe_name(value: str) -> str:
+    """`value` when it is one plain path component (names become folders: no `/`, no `..`), else ValueError."""
+    if not _SAFE_NAME.fullmatch(value):
+        raise ValueError("a name becomes a folder: use 1-100 letters, digits, `_`, `.` or `-`, "
+                         "starting with a letter or digit")
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(safe_name)]
 
 
 class _Section(BaseModel):
@@ -107,7 +121,7 @@ class EvalSpec(_Section):
 class TrialSpec(_Section):
     """One fine-tune-and-evaluate job."""
 
-    name: str | None = None
+    name: SafeName | None = None
     model: str = Field(description="a hub id, or a folder with config.json")
     random_init: bool = Field(False, description="build the model from its config with random weights")
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="config fields to override")
@@ -138,12 +152,16 @@ class TrialSpec(_Section):
         return self
 
 
+# pydantic names the member of a union a value failed in the location (`seed.int`, `seed.list[int]`).
+_UNION_MEMBER = re.compile(r"(int|float|str|bool|none|(list|dict|literal|function-\w+)\[.*\])", re.IGNORECASE)
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     # pydantic puts the discriminator value into the location (`adapter.lora.rank`): drop it.
     parts = [str(p) for p in loc]
     if len(parts) >= 2 and parts[0] == "adapter" and parts[1] in CONFIGS:
         parts.pop(1)
-    return ".".join(parts)
+    return ".".join(part for i, part in enumerate(parts) if not (i and _UNION_MEMBER.fullmatch(part)))
 
 
 def config_error_from(exc: ValidationError, file: str | None, prefix: str = "") -> ConfigError:

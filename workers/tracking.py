@@ -54,6 +54,8 @@ _SECRET_VALUE = re.compile(
     r"|(AKIA|ASIA)[0-9A-Z]{16}|xox[abprs]-[A-Za-z0-9-]{10,}|eyJ[\w-]+\.[\w-]+\.[\w-]+)$"
 )
 _USERINFO = re.compile(r"^(\w[\w+.-]*://)[^/@\s:]*:[^/@\s]*@")
+_USERINFO_ANYWHERE = re.compile(r"(\w[\w+.-]*://)[^/@\s:]*:[^/@\s]*@")
+_SECRET_WORD = re.compile(r"\b" + _SECRET_VALUE.pattern.removeprefix("^").removesuffix("$") + r"\b")
 
 
 class TrialStatus(StrEnum):
@@ -95,6 +97,12 @@ def redact_value(value: str) -> str:
     if _SECRET_VALUE.match(value.strip()):
         return REDACTED
     return _USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", value)
+
+
+def redact_text(text: str) -> str:
+    """Free text (an error, a log line) with every URL's user:password and every token-shaped word removed."""
+    text = _USERINFO_ANYWHERE.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
+    return _SECRET_WORD.sub(REDACTED, text)
 
 
 def redact(tree: Any, key: str = "") -> Any:

@@ -1,4 +1,4 @@
-"""Fine-tuning with DeepSpeed: the only module that imports deepspeed.
+"""Fine-tuning with DeepSpeed: the only module that imports deepspeed (and `safe_checkpoint`, its loader).
 
 One optimizer step = `accumulation` micro-batches on each of `world` data-parallel ranks; the epoch
 order comes from `workers.data.micro_batches` (the same on every rank and after a resume) and rank
@@ -97,21 +97,6 @@ def deepspeed_config(spec: TrialSpec, accumulation: int, dtype: torch.dtype) -> 
     }
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -170,6 +155,8 @@ class Trainer:
     ) -> None:
         import deepspeed
 
+        from workers.safe_checkpoint import SafeCheckpointEngine
+
         self.spec, self.data, self.pad_id, self.checkpoint_dir = spec, data, pad_id, checkpoint_dir
         family = family_for(model.config)
         if spec.data.packing and not family.packs:
@@ -200,6 +187,7 @@ class Trainer:
             config=deepspeed_config(spec, self.accumulation, dtype),
             lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, total),
         )
+        self.engine.checkpoint_engine = SafeCheckpointEngine()  # checkpoints load with weights_only=True
         if spec.train.compile:
             self.engine.compile()
         self.global_step, self.epoch, self.position, self.tokens = 0, 0, 0, 0
@@ -235,7 +223,9 @@ class Trainer:
         _, state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=chosen.name, load_module_strict=False)
         self.global_step, self.epoch, self.position = state["global_step"], state["epoch"], state["position"]
         self.tokens, self.losses = state["tokens"], [tuple(x) for x in state["losses"]]
-        _set_rng_state(state["rng"][self.rank] if isinstance(state["rng"], list) else state["rng"])
+        from workers.safe_checkpoint import set_rng_state
+
+        set_rng_state(state["rng"][self.rank])
         return True
 
     def save(self) -> Path:
@@ -243,7 +233,9 @@ class Trainer:
         tag = checkpoints.tag(self.global_step)
         tmp = checkpoints.TMP_PREFIX + tag
         rng = [None] * self.world
-        dist.all_gather_object(rng, _rng_state())
+        from workers.safe_checkpoint import rng_state
+
+        dist.all_gather_object(rng, rng_state())
         state = {"global_step": self.global_step, "epoch": self.epoch, "position": self.position,
                  "tokens": self.tokens, "losses": self.losses, "rng": rng}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tmp, client_state=state,
