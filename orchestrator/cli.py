@@ -330,7 +330,9 @@ def ui(
     """The MLflow UI for the store, on 127.0.0.1 only."""
     import subprocess
 
-    typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {tracking_uri} (Ctrl-C to stop)")
+    from workers.tracking import redact_value
+
+    typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {redact_value(tracking_uri)} (Ctrl-C to stop)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
            "--port", str(port)]
     raise typer.Exit(subprocess.call(cmd))

@@ -20,7 +20,7 @@ from mlflow.entities import Run
 from orchestrator.report import Trial, collect, write_csv, write_report
 from orchestrator.sweep import Point, SweepSpec
 from workers.provenance import git_sha
-from workers.tracking import PARENT_TAG, STATUS_TAG, experiment_id, redact
+from workers.tracking import PARENT_TAG, STATUS_TAG, experiment_id, mlflow_client, redact
 
 SWEEP_TAG = "adaptune.sweep"
 COSTS = ("gpu_hours", "cpu_hours", "tokens_trained")
@@ -30,7 +30,7 @@ class MlflowTrials:
     """The trials of one sweep, read from its MLflow store (a `report.TrialSource`)."""
 
     def __init__(self, uri: str, parent_run_id: str) -> None:
-        self.client = MlflowClient(uri)
+        self.client = mlflow_client(uri)
         self.parent = self.client.get_run(parent_run_id)
 
     def trials(self) -> list[Trial]:
@@ -60,12 +60,12 @@ def find_parent(client: MlflowClient, experiment: str, name: str) -> Run | None:
 
 def prepare_store(uri: str, experiment: str) -> str:
     """Create the store's tables (a new SQLite store takes 1-2 s of migrations) and the experiment; its id."""
-    return experiment_id(MlflowClient(uri), experiment, uri)
+    return experiment_id(mlflow_client(uri), experiment, uri)
 
 
 def start_parent(uri: str, sweep: SweepSpec, file: Path, points: Sequence[Point], *, resume: bool) -> str:
     """The parent run of `sweep`: the existing one when resuming, else a new one with the sweep's inputs."""
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     if resume:
         found = find_parent(client, sweep.experiment, sweep.name)
         if found is not None:
@@ -96,13 +96,13 @@ def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
 
 def parent_run_id(uri: str, experiment: str, name: str) -> str | None:
     """The run id of sweep `name`'s parent run (the newest), or None."""
-    found = find_parent(MlflowClient(uri), experiment, name)
+    found = find_parent(mlflow_client(uri), experiment, name)
     return found.info.run_id if found else None
 
 
 def sweep_status(uri: str, experiment: str, name: str) -> tuple[str, list[dict[str, Any]]] | None:
     """The parent run's status and one row per trial, or None when the sweep has no run yet."""
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     parent = find_parent(client, experiment, name)
     return None if parent is None else (parent.info.status, summary_rows(client, parent))
 
@@ -165,7 +165,7 @@ def finish_parent(
     uri: str, parent_id: str, *, failed: bool, metric: str = "accuracy/macro", mode: str = "max"
 ) -> list[dict[str, Any]]:
     """Close stragglers, log the summary table, the cost totals and the report on the parent run."""
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     close_stragglers(client, parent_id)
     parent = client.get_run(parent_id)
     rows = summary_rows(client, parent)

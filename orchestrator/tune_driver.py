@@ -11,7 +11,9 @@ one (its `summary.json` is there).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import math
 import os
 import time
@@ -30,6 +32,7 @@ from rich.table import Table
 
 from orchestrator import mlflow_sweep
 from orchestrator.cluster import check_address, check_tracking, is_uri, probe_node, single_machine_uri
+from orchestrator.environment import cluster_environment, environment, without_secrets
 from orchestrator.heartbeat import HEARTBEAT, Heartbeat, driver_gone
 from orchestrator.sweep import Point, SweepSpec, experiment_dir, optuna_space, point_from_optuna, redacted_text
 from workers.errors import ConfigError, TrialFailed
@@ -95,7 +98,7 @@ def failures(results: Any) -> list[tuple[str, str]]:
     return sorted(out)
 
 
-def _worker_loop(config: dict[str, Any]) -> None:
+def _worker_loop(config: dict[str, Any], ctx: Context, spec: dict[str, Any]) -> None:
     """One Ray Train worker of a multi-worker trial."""
     import ray.train
 
@@ -103,8 +106,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     context = ray.train.get_context()
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
-    ctx: Context = config["ctx"]
-    point = Point.model_validate(config["point"])
+    point = Point.model_validate(spec)
     tid = config["trial_id"]
     tracker = _tracker(ctx, point, tid) if context.get_world_rank() == 0 else MemoryTracker()
     result = run_trial(point.spec, tracker, Path(ctx.root) / "trials" / tid,
@@ -134,9 +136,10 @@ def trial_function(config: dict[str, Any], ctx: Context) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    # Ray keeps a Train run's config in its state: the spec and the store's URI (secrets) go with the function.
     trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"ctx": ctx, "point": point.model_dump(mode="json"), "trial_id": tid},
+        functools.partial(_worker_loop, ctx=ctx, spec=point.model_dump(mode="json")),
+        train_loop_config={"trial_id": tid},
         scaling_config=ScalingConfig(num_workers=ctx.workers, use_gpu=ctx.use_gpu,
                                      resources_per_worker={"CPU": ctx.cpus_per_worker}),
         run_config=RunConfig(name=f"train-{tid}", storage_path=str(Path(ctx.root) / "train"),
@@ -211,20 +214,33 @@ class ProgressTable(tune.Callback):
             self.live.stop()
 
 
-# What Tune copies from the driver's environment into every trial's runtime env, which Ray's runtime env
-# agent then logs in clear.
-TUNE_PROPAGATED_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+# Tune's loggers of a failed trial's traceback and of the trials that did not complete: the closing table names
+# them (with their causes), the trial's MLflow run and Tune's `error.txt` keep the tracebacks.
+TUNE_ERROR_LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller")
 
 
 @contextlib.contextmanager
-def _credentials_kept_home(started_here: bool) -> Iterator[None]:
-    """While Tune starts trials on a cluster started here, the credentials stay out of the driver's
-    environment: the cluster's processes inherited it already, and Tune would log them."""
-    saved = {k: os.environ.pop(k) for k in TUNE_PROPAGATED_SECRETS if started_here and k in os.environ}
+def _quiet_tune() -> Iterator[None]:
+    """While Tune runs: none of its own end-of-trial blocks on the terminal, which the live table replaces.
+
+    Its new output engine prints each errored trial whatever `verbose` says; the old one (`RAY_AIR_NEW_OUTPUT=0`)
+    prints nothing at `verbose=0`.
+    """
+    loggers = [logging.getLogger(name) for name in TUNE_ERROR_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    engine = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        os.environ.update(saved)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if engine is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT")
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = engine
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -251,7 +267,8 @@ def connect(address: str | None) -> bool:
     spans = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        with environment(cluster_environment(os.environ)):  # what the cluster's processes inherit
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = spans
     token = Path.home() / ".ray" / "auth_token"  # the cluster's token, which Ray writes world-readable
@@ -387,7 +404,10 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     else:
         space, tune_config = _tune_config(sweep, points, concurrency)
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
-    with Heartbeat(root / HEARTBEAT), _credentials_kept_home(started_here):
+    # Tune copies some of the driver's variables (AWS_*) into every trial's runtime env, which Ray logs in clear:
+    # a cluster started here inherited what it needs already, so the driver holds no secret while Tune runs.
+    kept_home = environment(without_secrets(os.environ)) if started_here else contextlib.nullcontext()
+    with Heartbeat(root / HEARTBEAT), kept_home, _quiet_tune():
         results = tuner.fit()
     failed = failures(results)
     rows = mlflow_sweep.finish_parent(uri, parent, failed=bool(failed), metric=sweep.search.metric,

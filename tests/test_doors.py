@@ -150,16 +150,84 @@ def test_the_spec_kept_beside_checkpoints_has_no_secret(tmp_path: Path) -> None:
     assert not any(s in (tmp_path / "spec.json").read_text() for s in SECRETS)
 
 
-def test_tune_gets_no_credentials_to_copy_into_runtime_envs(monkeypatch) -> None:
-    """Tune copies AWS_* from the driver into every trial's runtime env, which Ray logs in clear; a cluster
-    started here inherited them already, so they leave the driver's environment while Tune runs."""
+def test_a_cluster_started_here_inherits_an_allow_list_and_the_driver_no_secret_while_tune_runs() -> None:
+    from orchestrator.environment import allowed, cluster_environment, environment, without_secrets
+
+    env = {"PATH": "/bin", "HF_HOME": "/cache", "ADAPTUNE_DATA": "/d", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+           "HF_TOKEN": "hf_x", "AWS_SECRET_ACCESS_KEY": "s", "MLFLOW_TRACKING_PASSWORD": "p",
+           "OPENAI_API_KEY": "sk-x", "GITHUB_TOKEN": "g", "SOMETHING_ELSE": "x", "ADAPTUNE_API_KEY": "k"}
+    assert allowed(env) == {"PATH": "/bin", "HF_HOME": "/cache", "ADAPTUNE_DATA": "/d",
+                            "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    assert cluster_environment(env) == {**allowed(env), "HF_TOKEN": "hf_x", "AWS_SECRET_ACCESS_KEY": "s",
+                                        "MLFLOW_TRACKING_PASSWORD": "p"}
+    assert without_secrets(env) == {**allowed(env), "SOMETHING_ELSE": "x"}
     import os
 
-    from orchestrator.tune_driver import _credentials_kept_home
+    before = dict(os.environ)
+    with environment({"PATH": "/bin"}):
+        assert dict(os.environ) == {"PATH": "/bin"}
+    assert dict(os.environ) == before
 
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
-    with _credentials_kept_home(started_here=False):
-        assert os.environ["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"  # a cluster joined needs them passed on
-    with _credentials_kept_home(started_here=True):
-        assert "AWS_SECRET_ACCESS_KEY" not in os.environ
-    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+
+def test_mlflow_clients_never_print_the_uri(monkeypatch) -> None:
+    """MLflow prints "View run at: URL" with the URI's password unless told not to."""
+    import os
+
+    from workers.tracking import mlflow_client
+
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    mlflow_client("http://user:pass@127.0.0.1:1")
+    assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
+
+
+def test_tune_prints_no_block_of_its_own_while_it_runs(monkeypatch) -> None:
+    import logging
+    import os
+
+    from orchestrator.tune_driver import TUNE_ERROR_LOGGERS, _quiet_tune
+
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    with _quiet_tune():
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
+        assert all(logging.getLogger(n).getEffectiveLevel() == logging.CRITICAL for n in TUNE_ERROR_LOGGERS)
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+    assert all(logging.getLogger(n).level == logging.NOTSET for n in TUNE_ERROR_LOGGERS)
+
+
+ENV_SECRETS = {"AWS_SECRET_ACCESS_KEY": "awsSECRETaccess0123456789", "HF_TOKEN": "hf_envSECRETtoken0123456789",
+               "MLFLOW_TRACKING_PASSWORD": "mlflowSECRETpassword0123"}
+
+
+@pytest.mark.slow
+def test_no_secret_of_the_file_the_uri_or_the_environment_is_in_anything_a_run_writes(tmp_path: Path) -> None:
+    """A real `adaptune run` (its own local Ray) on an MLflow server at a URI with a password, with secrets in
+    the sweep file and the environment: none of them is in any file under the run's folders, the store, the
+    server's artifacts, the Ray session of the run, or in what the run printed."""
+    import os
+    import subprocess
+
+    from services import mlflow_server
+    from test_driver import REPO, tiny_sweep
+
+    file_secret, uri_secret = "sk-fileSECRETkey0123456789", "uriSECRETpassword0123"
+    secrets = [file_secret, uri_secret, *ENV_SECRETS.values()]
+    env = {**os.environ, **ENV_SECRETS, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts", timeout_s=300) as url:
+        path = tiny_sweep(tmp_path, "secrets", [{"type": "lora", "placement": ["q", "v"], "rank": 4}])
+        raw = yaml.safe_load(path.read_text())
+        raw["base"]["model_overrides"] = {"api_key": file_secret}
+        raw["tracking"]["uri"] = url.replace("http://", f"http://adaptune:{uri_secret}@")
+        path.write_text(yaml.safe_dump(raw))
+        driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(path)], cwd=tmp_path,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = driver.communicate(timeout=900)
+    assert driver.returncode == 0, err[-3000:]
+    assert "done: 1 trials" in out and "***" in out
+    sessions = list(Path("/tmp/ray").glob(f"session_*_{driver.pid}"))  # the Ray this run started: its pid
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != path]
+    written += [p for s in sessions for p in s.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert sessions and any("runtime_env_agent" in p.name for p in written)
+    for secret in secrets:
+        assert secret not in out + err, secret
+        hits = [str(p) for p in written if secret.encode() in p.read_bytes()]
+        assert not hits, (secret, hits)

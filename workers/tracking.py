@@ -116,6 +116,13 @@ def redact(tree: Any, key: str = "") -> Any:
     return redact_value(tree) if isinstance(tree, str) else tree
 
 
+def mlflow_client(uri: str) -> mlflow.MlflowClient:
+    """A client of `uri` whose runs never print it: MLflow's "View run at: URL" lines would show its password.
+    adaptune prints its own pointer, redacted."""
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    return mlflow.MlflowClient(uri)
+
+
 def flatten_params(spec_dict: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Dotted keys and string values of a nested spec (`adapter.rank` -> "32"), secrets redacted.
 
@@ -271,7 +278,7 @@ class MlflowTracker:
         if spool_dir is not None:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-        self.client = mlflow.MlflowClient(uri)
+        self.client = mlflow_client(uri)
         self.max_outage_s = max_outage_s
         self._outage_since: float | None = None
         self._last_try = 0.0
