@@ -122,6 +122,9 @@ class Preflight:
         if self.training and not self.gpus and spec.train.precision in ("bf16", "fp16"):
             raise ConfigError(None, "train.precision", f"{spec.train.precision} needs a GPU and the trials run on "
                                                        "CPUs (resources.gpus_per_trial is 0): use fp32 or auto")
+        if self.training and spec.load_in_8bit and not self.gpus:
+            raise ConfigError(None, "load_in_8bit", "8-bit loading (bitsandbytes) needs a CUDA GPU; the trials run "
+                                                    "on CPUs")
         self._check_data(spec)
 
     def _check_memory(self, spec: TrialSpec, shape: Shape, trainable: int) -> None:

@@ -141,8 +141,8 @@ def test_eval_cli_bad_input(extra, needle, shared_data: Path, tmp_path: Path, mo
                                                (["--max-new-tokens", "8"], {"gsm8k": 8, "boolq": 8})])
 def test_eval_cli_budget_is_the_trials(extra, budget, shared_data: Path, monkeypatch, capsys) -> None:
     """`adaptune eval` without --max-new-tokens generates what a trial would: 256 math, 32 commonsense."""
-    from workers.data import task
     from workers.evaluate import new_tokens
+    from workers.tasks import task
 
     class Reached(Exception):
         pass
@@ -163,8 +163,8 @@ def test_eval_cli_budget_is_the_trials(extra, budget, shared_data: Path, monkeyp
 
 def test_generation_budget_is_the_references_per_kind_of_set() -> None:
     """evaluate.py generates 256 new tokens (math), commonsense_evaluate.py 32; a spec's number wins."""
-    from workers.data import task
     from workers.evaluate import new_tokens
+    from workers.tasks import task
 
     assert [new_tokens(EvalSpec(), task(t)) for t in ("gsm8k", "aqua", "mawps", "boolq", "piqa", "obqa")] == [
         256, 256, 256, 32, 32, 32]

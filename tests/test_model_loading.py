@@ -62,6 +62,7 @@ def test_8bit_trial_on_this_machine_is_one_line_and_exit_2(tmp_path, monkeypatch
     code, _, err = run_cli(["trial", str(tmp_path / "t.yaml"), "--tracking-uri", f"sqlite:///{tmp_path}/ml.db",
                             "--checkpoint-dir", str(tmp_path / "c")], monkeypatch, capsys)
     assert code == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (  # above it, MLflow's own log lines
+    assert err.strip().splitlines() == [  # the pre-flight's line, before any store or run exists
         f"error: {tmp_path / 't.yaml'}: load_in_8bit: 8-bit loading (bitsandbytes) needs a CUDA GPU; "
-        "this machine has none")
+        "the trials run on CPUs"]
+    assert not (tmp_path / "ml.db").exists()
