@@ -390,8 +390,9 @@ def write_report(summary: Summary, out_dir: Path) -> Path:
         lines.append(f"| {config.label} | {params:,.0f} | {len(config.trials)} | "
                      f"{_fmt(config.stats.get(summary.metric), summary.metric.startswith('accuracy/'))} |"
                      if params is not None else f"| {config.label} | - | {len(config.trials)} | - |")
+    # Plots by name, not embedded: MLflow's artifact viewer renders this file but not relative images.
     lines += ["", "Costs: " + ", ".join(f"{k} {v:,.4g}" for k, v in summary.costs.items()), "",
-              *(f"![{p.stem}]({p.name})" for p in plots)]
+              "Plots, next to this file:", "", *(f"- `{p.name}`" for p in plots)]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from workers.errors import ConfigError
+from workers.repo_paths import relative_paths, repo_relative
 from workers.spec import RESUMABLE_CHANGES, TrialSpec, trial_id
 from workers.tracking import Tracker, TrialStatus, redact
 
@@ -113,6 +114,7 @@ def _run(
     from workers.evaluate import evaluate
     from workers.model_loading import build_model, eight_bit_config, load_tokenizer
     from workers.provenance import provenance
+    from workers.run_inputs import trial_datasets
     from workers.train import Trainer, resolve_precision, seed_everything
 
     on_gpu = torch.cuda.is_available()
@@ -134,8 +136,10 @@ def _run(
     rank0 = trainer.rank == 0
     resumed = trainer.resume()
     if rank0:
-        tracker.log_params({**spec.model_dump(mode="json"), "provenance": info, "data_stats": data.stats,
-                            "trainable_params": counts.trainable, "base_params": counts.base})
+        # Paths in the checkout are recorded relative to it: the record reads the same on every machine.
+        tracker.log_params(relative_paths({**spec.model_dump(mode="json"), "provenance": info, "data_stats": data.stats,
+                                           "trainable_params": counts.trainable, "base_params": counts.base}))
+        tracker.log_datasets(trial_datasets(spec, data.stats))  # a resumed run's inputs are deduplicated
         tracker.set_tags({"adaptune.adapter": spec.adapter.short_name(), "adaptune.resumed": str(resumed)})
 
     def on_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
@@ -155,9 +159,11 @@ def _run(
     metrics: dict[str, float] = {
         "final_train_loss": outcome.final_loss,
         "trainable_params": counts.trainable,
+        "base_params": counts.base,
         "trainable_percent": counts.percent,
         "tokens_trained": outcome.tokens,
         "train_seconds": outcome.seconds,
+        "train_tokens_per_s": outcome.tokens / max(outcome.seconds, 1e-9),
         "peak_memory_gb": outcome.peak_memory_bytes / 2**30,
         ("gpu_hours" if on_gpu else "cpu_hours"): outcome.seconds * trainer.world / 3600,
     }
@@ -173,7 +179,7 @@ def _run(
             metrics["eval_tokens_per_s"] = result.generated_tokens / max(result.seconds, 1e-9)
         if rank0:
             deployed = finalize(model, spec.adapter)
-            save_adapter(model, deployed, out / "adapter", base_model=spec.model,
+            save_adapter(model, deployed, out / "adapter", base_model=repo_relative(spec.model),
                          trained_as=spec.adapter if deployed != spec.adapter else None)
     if not rank0:
         if report is not None:  # every rank reports the same steps (Ray Train synchronises on them)
@@ -181,8 +187,9 @@ def _run(
         return TrialResult(TrialStatus.SUCCEEDED, metrics)
     (out / "summary.json").write_text(json.dumps(
         {"trial_id": trial_id(spec), "adapter": spec.adapter.short_name(), "metrics": metrics,
-         "data": data.stats, "provenance": info, "losses": outcome.losses}, indent=2) + "\n")
-    (out / "spec.yaml").write_text(yaml.safe_dump(redact(spec.model_dump(mode="json")), sort_keys=False))
+         "data": relative_paths(data.stats), "provenance": info, "losses": outcome.losses}, indent=2) + "\n")
+    (out / "spec.yaml").write_text(yaml.safe_dump(relative_paths(redact(spec.model_dump(mode="json"))),
+                                                  sort_keys=False))
     tracker.log_metrics(metrics, step=outcome.global_step)
     tracker.log_artifact(out / "adapter", "adapter")
     if (out / "predictions").is_dir():

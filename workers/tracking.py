@@ -16,22 +16,28 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from workers.errors import ConfigError
+from workers.run_inputs import DatasetRecord
 
 TRIAL_ID_TAG = "adaptune.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 REDACTED = "***"
+# The experiment tag MLflow's UI reads to open an experiment on its runs table, not on the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# Seconds between two samples of CPU, memory, disk, network and (with pynvml) GPU figures.
+SYSTEM_METRICS_INTERVAL_S = 5.0
 
 _SECRET_KEY = re.compile(r"(^|[._-])(token|password|passwd|secret|credentials?|auth|(api|access|private)?[_-]?key)$",
                          re.IGNORECASE)
@@ -65,6 +71,8 @@ class Tracker(Protocol):
     def log_artifact(self, path: Path, name: str | None = None) -> None: ...
 
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def log_datasets(self, datasets: Sequence[DatasetRecord]) -> None: ...
 
     def finish(self, status: TrialStatus) -> None: ...
 
@@ -158,6 +166,7 @@ class MemoryTracker:
         self.metrics: dict[str, list[tuple[int, float]]] = {}
         self.artifacts: dict[str, Path] = {}
         self.tags: dict[str, str] = {}
+        self.datasets: list[DatasetRecord] = []
         self.status: TrialStatus | None = None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -173,6 +182,9 @@ class MemoryTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.tags.update({k: str(v) for k, v in tags.items()})
 
+    def log_datasets(self, datasets: Sequence[DatasetRecord]) -> None:
+        self.datasets.extend(datasets)
+
     def finish(self, status: TrialStatus) -> None:
         self.status = status
 
@@ -186,12 +198,14 @@ def _artifact_location(uri: str) -> str | None:
 
 
 def experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
-    """The id of experiment `name`, created when missing (safe against a concurrent creator)."""
+    """The id of experiment `name`, created when missing (safe against a concurrent creator) as a
+    model-training experiment, which MLflow's UI opens on its runs."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=_artifact_location(uri))
+        return client.create_experiment(name, artifact_location=_artifact_location(uri),
+                                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except MlflowException:
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -204,8 +218,9 @@ class MlflowTracker:
 
     On re-attaching, metric points at steps already logged are skipped: a resumed trial recomputes
     them identically, and the run keeps one continuous history. Metrics of one call go in one
-    `log_batch` request; parameters are flattened and redacted. On a GPU machine MLflow's system
-    metrics (GPU utilisation and memory, CPU, network) are sampled into the run.
+    `log_batch` request; parameters are flattened and redacted. MLflow's system metrics (CPU, memory,
+    disk, network; GPU utilisation and memory where a GPU and `pynvml` are present) are sampled into
+    the run every `SYSTEM_METRICS_INTERVAL_S` seconds (`MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` overrides).
     """
 
     def __init__(
@@ -217,7 +232,7 @@ class MlflowTracker:
         trial_id: str,
         parent_run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
-        system_metrics: bool | None = None,
+        system_metrics: bool = True,
     ) -> None:
         self.client = mlflow.MlflowClient(uri)
         self.experiment_id = experiment_id(self.client, experiment, uri)
@@ -240,14 +255,11 @@ class MlflowTracker:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
         self.run_id: str = run.info.run_id
         self._monitor = None
-        if system_metrics is None:
-            import torch  # here, not at the top: the sweep driver reads this module and never needs torch
-
-            system_metrics = torch.cuda.is_available()
         if system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=self.resumed, tracking_uri=uri)
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                                 resume_logging=self.resumed, tracking_uri=uri)
             self._monitor.start()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -282,6 +294,16 @@ class MlflowTracker:
         items = [RunTag(k, redact_value(str(v))) for k, v in tags.items()]
         for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=items[start:start + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_datasets(self, datasets: Sequence[DatasetRecord]) -> None:
+        """The trial's datasets as MLflow run inputs: the runs table's Dataset column, the run page's inputs."""
+        inputs = [
+            DatasetInput(Dataset(d.name, d.digest, "local", json.dumps({"uri": d.path}),
+                                 profile=json.dumps({"num_rows": d.rows, **d.profile})),
+                         [InputTag("mlflow.data.context", d.context)])
+            for d in datasets
+        ]
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def finish(self, status: TrialStatus) -> None:
         if self._monitor is not None:
