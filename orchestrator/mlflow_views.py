@@ -31,8 +31,11 @@ def _column(kind: str, key: str) -> str:
 
 
 def runs_view(metric: str) -> dict[str, object]:
-    """The saved view: the sweep's metric first, then the adapter, the dataset, size and cost."""
+    """The saved view: the sweep's metric first, then the adapter, the dataset, size and cost; the
+    trials grouped by adapter type, groups open (the UI opens no parent's nested runs by itself),
+    each group's row showing its best value; the sweep's parent run under "Additional runs"."""
     return {
+        "groupBy": {"aggregateFunction": "max", "groupByKeys": [{"mode": "param", "groupByData": "adapter.type"}]},
         "selectedColumns": [
             _column("metrics", metric), *(_column("params", p) for p in PARAM_COLUMNS),
             _column("attributes", "Dataset"), *(_column("metrics", m) for m in METRIC_COLUMNS),
