@@ -88,9 +88,10 @@ def _page(browser, url: str):
 
 def test_the_runs_link_opens_on_the_trials_with_their_accuracy(browser, ui, shots: Path) -> None:
     page = _page(browser, ui["runs"])
-    page.get_by_text("Training runs").first.wait_for()  # the runs table, not the GenAI overview
     for name in ("lora-r4-qv", "series-b8-attn", "prefix-v4"):
         page.get_by_role("link", name=name).first.wait_for()
+    # The runs table, not the GenAI overview.
+    page.get_by_text("Training runs", exact=True).filter(visible=True).first.wait_for()
     page.get_by_text("Group: lora").wait_for()  # trials grouped by method, groups open
     page.get_by_text("Additional runs").wait_for()  # the sweep's parent run
     page.get_by_role("columnheader").filter(has_text="accuracy/macro").first.wait_for()
