@@ -77,6 +77,7 @@ def plan(
             typer.echo(json.dumps({"sweep": sweep.name, "trials": len(rows), "points": rows}))
             return
         typer.echo(f"{spec_file}: sweep {sweep.name}, {len(rows)} trials ({sweep.search.algorithm})")
+        typer.echo(f"  {'trial':<40} {'trainable':>14}  {'share':>9}  memory floor")
         for row in rows:
             typer.echo(f"  {row['trial']:<40} {row['trainable_params']:>14,}  {row['trainable_percent']:>8.4f}%"
                        f"  ~{row['est_weights_gib']:g} GiB weights+optimizer")
@@ -325,14 +326,20 @@ def report(
 @app.command()
 def ui(
     tracking_uri: Annotated[str, typer.Option(help="the MLflow store")] = "sqlite:///mlflow.db",
-    port: Annotated[int, typer.Option()] = 5000,
+    port: Annotated[int, typer.Option(help="the port on 127.0.0.1")] = 5000,
 ) -> None:
-    """The MLflow UI for the store, on 127.0.0.1 only."""
+    """The MLflow UI for the store, on 127.0.0.1 only; prints each sweep's links: its runs, its trials compared."""
     import subprocess
 
+    from orchestrator.mlflow_views import sweep_links
     from workers.tracking import redact_value
 
-    typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {redact_value(tracking_uri)} (Ctrl-C to stop)")
+    base = f"http://127.0.0.1:{port}"
+    typer.echo(f"MLflow UI on {base} for {redact_value(tracking_uri)} (Ctrl-C to stop)")
+    for link in sweep_links(tracking_uri, base):
+        typer.echo(f"sweep {link.sweep} (experiment {link.experiment}, {link.trials} trials)")
+        typer.echo(f"  runs:    {link.runs}")
+        typer.echo(f"  compare: {link.compare}")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
            "--port", str(port)]
     raise typer.Exit(subprocess.call(cmd))

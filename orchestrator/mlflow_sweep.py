@@ -72,6 +72,9 @@ def start_parent(uri: str, sweep: SweepSpec, file: Path, points: Sequence[Point]
             client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id
     exp_id = experiment_id(client, sweep.experiment, uri)
+    from orchestrator.mlflow_views import save_runs_view  # here: that module reads this one's SWEEP_TAG
+
+    save_runs_view(client, exp_id, sweep.search.metric)
     run = client.create_run(exp_id, run_name=sweep.name, tags={SWEEP_TAG: sweep.name, "adaptune.git_sha": git_sha()})
     run_id = run.info.run_id
     client.log_param(run_id, "trials", str(len(points)) if points else f"optuna x {sweep.search.num_samples}")

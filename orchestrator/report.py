@@ -402,8 +402,9 @@ def write_report(summary: Summary, out_dir: Path) -> Path:
     failed = unfinished(summary)
     if failed:
         lines += ["", "Trials that did not finish:", "", *(f"- {t.name}: {t.status}" for t in failed)]
+    # Plots by name, not embedded: MLflow's artifact viewer renders this file but not relative images.
     lines += ["", "Costs: " + ", ".join(f"{k} {v:,.4g}" for k, v in summary.costs.items()), "",
-              *(f"![{p.stem}]({p.name})" for p in plots)]
+              "Plots, next to this file:", "", *(f"- `{p.name}`" for p in plots)]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

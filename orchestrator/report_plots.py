@@ -1,9 +1,15 @@
-"""The report's plots (matplotlib, no display): each is drawn only where the sweep has the data."""
+"""The report's plots (matplotlib, no display): each is drawn only where the sweep has the data.
+
+Drawn for a reader of a paper: every axis names its quantity and unit, parameter counts on a log
+axis, accuracies in percent with their 95% intervals over seeds, labels inside the figure
+(constrained layout: no `tight_layout` warnings), and points that share an x spread apart.
+"""
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import textwrap
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +22,16 @@ if TYPE_CHECKING:
     from orchestrator.report import Configuration, Summary
 
 METHOD_ORDER = ("series", "parallel", "lora", "prefix", "mosa")
+MARKERS = "osD^vP*X"
+# Points at one parameter count are spread over this many decades, so none hides another.
+DODGE_DECADES = 0.04
+
+
+def metric_label(metric: str) -> str:
+    """The axis label of a metric: `accuracy/macro` -> `macro accuracy (%)`, `val_loss` -> `val_loss`."""
+    if metric.startswith("accuracy/"):
+        return f"{metric.split('/', 1)[1]} accuracy (%)"
+    return metric
 
 
 def _score(config: Configuration, metric: str) -> tuple[float, float, float] | None:
@@ -35,14 +51,24 @@ def _methods(configs: list[Configuration]) -> list[str]:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
 
 
+def dodged(xs: list[float]) -> list[float]:
+    """`xs` with equal values spread symmetrically on a log axis (by `DODGE_DECADES` per neighbour)."""
+    out, seen, counts = [], defaultdict(int), Counter(xs)
+    for x in xs:
+        k, n = seen[x], counts[x]
+        seen[x] += 1
+        out.append(x * 10 ** (DODGE_DECADES * (k - (n - 1) / 2)))
+    return out
+
+
 def accuracy_vs_params(summary: Summary, out: Path) -> Path | None:
-    """Each configuration at (trainable parameters, score ± interval); the Pareto front as a step line."""
+    """Each configuration at (trainable parameters, score ± interval), one marker per method; the
+    Pareto front as a step line carried to the right edge, its configurations labelled."""
     from orchestrator.report import pareto_front
 
     metric = summary.metric
@@ -50,56 +76,80 @@ def accuracy_vs_params(summary: Summary, out: Path) -> Path | None:
     points = [(c, s) for c, s in points if s is not None and c.trainable_params]
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = dict(zip(_methods([c for c, _ in points]), plt.rcParams["axes.prop_cycle"].by_key()["color"],
-                       strict=False))
-    for method, colour in colours.items():
-        mine = [(c, s) for c, s in points if c.method == method]
-        ax.errorbar([c.trainable_params for c, _ in mine], [s[0] for _, s in mine],
-                    yerr=[[s[1] for _, s in mine], [s[2] for _, s in mine]], fmt="o", color=colour, label=method,
-                    capsize=3)
+    xs = dodged([c.trainable_params for c, _ in points])
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+    methods = _methods([c for c, _ in points])
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for m_index, method in enumerate(methods):
+        mine = [i for i, (c, _) in enumerate(points) if c.method == method]
+        ax.errorbar([xs[i] for i in mine], [points[i][1][0] for i in mine],
+                    yerr=[[points[i][1][1] for i in mine], [points[i][1][2] for i in mine]],
+                    fmt=MARKERS[m_index % len(MARKERS)], color=colours[m_index % len(colours)], label=method,
+                    capsize=3, markersize=6, alpha=0.9, zorder=3)
     sign = 1 if summary.mode == "max" else -1
     front = pareto_front([(c.trainable_params, sign * s[0]) for c, s in points])
-    ax.step([points[i][0].trainable_params for i in front], [points[i][1][0] for i in front], where="post",
-            color="black", linewidth=1, alpha=0.6, label="Pareto front")
+    right = max(xs) * 10 ** (2 * DODGE_DECADES)
+    steps_x = [xs[i] for i in front] + [right]
+    steps_y = [points[i][1][0] for i in front] + [points[front[-1]][1][0]]
+    ax.step(steps_x, steps_y, where="post", color="black", linewidth=1.4, linestyle="--", label="Pareto front",
+            zorder=2)
+    middle = math.sqrt(min(xs) * right)
     for i in front:
         config, score = points[i]
-        ax.annotate(config.label, (config.trainable_params, score[0]), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")
+        left_side = xs[i] > middle  # labels on the right half point left, so they stay in the axes
+        ax.annotate(config.label, (xs[i], score[0]), fontsize=7, xytext=(-6 if left_side else 6, 6),
+                    textcoords="offset points", ha="right" if left_side else "left")
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(f"{metric} (%)" if metric.startswith("accuracy/") else metric)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    ax.set_xlim(min(xs) / 10 ** (3 * DODGE_DECADES), right * 10 ** DODGE_DECADES)
+    ax.set_xlabel("trainable parameters (count, log scale)")
+    ax.set_ylabel(metric_label(metric))
+    if metric.startswith("accuracy/"):
+        low = min(s[0] - s[1] for _, s in points)
+        high = max(s[0] + s[2] for _, s in points)
+        ax.set_ylim(max(0.0, low - 5), min(100.0, high + 8))
+    ax.set_title(textwrap.fill(f"{metric_label(metric)} against trainable parameters, mean and 95% interval over "
+                               "seeds", 70), fontsize=9)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3, which="both")
     return _save(fig, out / "accuracy_vs_params.png")
 
 
 def placement_heatmap(summary: Summary, out: Path) -> Path | None:
-    """The best score of each (method, placement) cell."""
-    cells: dict[tuple[str, str], float] = {}
+    """The best configuration of each (method, placement) cell: its mean and, over seeds, its 95% interval."""
+    cells: dict[tuple[str, str], tuple[float, float, float]] = {}
     for config in summary.configurations:
         score = _score(config, summary.metric)
         if score is None:
             continue
         key = (config.method, config.placement)
-        better = max if summary.mode == "max" else min
-        cells[key] = better(cells.get(key, score[0]), score[0])
+        kept = cells.get(key)
+        if kept is None or (score[0] > kept[0] if summary.mode == "max" else score[0] < kept[0]):
+            cells[key] = score
     methods = _methods([c for c in summary.configurations if (c.method, c.placement) in cells])
     placements = sorted({p for _, p in cells}, key=lambda p: (p.count("+"), p))
     if len(cells) < 2 or (len(methods) < 2 and len(placements) < 2):
         return None
-    grid = [[cells.get((m, p), math.nan) for p in placements] for m in methods]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(placements), 1.2 + 0.6 * len(methods)))
+    grid = [[cells[(m, p)][0] if (m, p) in cells else math.nan for p in placements] for m in methods]
+    fig, ax = plt.subplots(figsize=(2.4 + 1.5 * len(placements), 1.6 + 0.75 * len(methods)), layout="constrained")
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            if not math.isnan(value):
-                shade = "black" if image.norm(value) > 0.6 else "white"  # legible on viridis' bright end
-                ax.text(j, i, f"{value:.1f}", ha="center", va="center", color=shade, fontsize=8)
-    ax.set_xticks(range(len(placements)), placements, rotation=30, ha="right", fontsize=8)
+    for i, method in enumerate(methods):
+        for j, placement in enumerate(placements):
+            if (method, placement) not in cells:
+                ax.text(j, i, "not run", ha="center", va="center", color="grey", fontsize=7)
+                continue
+            mean, minus, plus = cells[(method, placement)]
+            text = f"{mean:.1f}"
+            if minus or plus:
+                text += f"\n[{mean - minus:.1f}, {mean + plus:.1f}]"
+            shade = "black" if image.norm(mean) > 0.6 else "white"  # legible on viridis' bright end
+            ax.text(j, i, text, ha="center", va="center", color=shade, fontsize=8)
+    ax.set_xticks(range(len(placements)), [textwrap.fill(p, 14) for p in placements], fontsize=8)
     ax.set_yticks(range(len(methods)), methods)
-    fig.colorbar(image, ax=ax, label=summary.metric)
-    ax.set_title("placement x method")
+    ax.set_xlabel("placement")
+    ax.set_ylabel("method")
+    fig.colorbar(image, ax=ax, label=metric_label(summary.metric))
+    ax.set_title(textwrap.fill(f"{metric_label(summary.metric)}, best configuration per cell "
+                               "[95% interval over seeds]", 60), fontsize=9)
     return _save(fig, out / "placement_heatmap.png")
 
 
@@ -112,14 +162,14 @@ def score_vs(summary: Summary, out: Path, key: str, label: str, filename: str) -
             lines[f"{config.method} {config.placement}"].append((value, score))
     if not any(len({x for x, _ in pts}) > 1 for pts in lines.values()):
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4), layout="constrained")
     for name, pts in sorted(lines.items()):
         pts.sort()
         ax.errorbar([x for x, _ in pts], [s[0] for _, s in pts], yerr=[[s[1] for _, s in pts], [s[2] for _, s in pts]],
                     marker="o", capsize=3, label=name)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel(label)
-    ax.set_ylabel(summary.metric)
+    ax.set_xlabel(f"{label} (log scale)")
+    ax.set_ylabel(metric_label(summary.metric))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, out / filename)
@@ -129,7 +179,7 @@ def training_curves(summary: Summary, out: Path) -> Path | None:
     """Training loss (left) and validation loss (right) against the optimizer step, one line per trial."""
     if not any(curve["train_loss"] for curve in summary.curves.values()):
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True, layout="constrained")
     for name, curve in sorted(summary.curves.items()):
         for ax, key in zip(axes, ("train_loss", "val_loss"), strict=True):
             if curve[key]:
@@ -139,8 +189,9 @@ def training_curves(summary: Summary, out: Path) -> Path | None:
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
+    axes[0].set_ylabel("cross-entropy loss (nats per token)")
     if len(summary.curves) <= 16:
-        axes[1].legend(fontsize=6)
+        fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="outside right center")
     return _save(fig, out / "training_curves.png")
 
 

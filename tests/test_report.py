@@ -168,7 +168,7 @@ def test_report_files(store: dict, tmp_path: Path) -> None:
     for png in ("accuracy_vs_params", "placement_heatmap", "accuracy_vs_bottleneck", "accuracy_vs_rank",
                 "training_curves"):
         assert (out / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
-        assert f"({png}.png)" in path.read_text()
+        assert f"- `{png}.png`" in path.read_text()
     with (out / "configurations.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     ranked = collect(MlflowTrials(store["uri"], store["parent"]), resamples=100).ranked
@@ -181,6 +181,23 @@ def test_report_files(store: dict, tmp_path: Path) -> None:
     comparison = json.loads((out / "comparison.json").read_text())
     assert comparison["best"] == "lora-r8-qv" and comparison["comparison"]["p_value"] < 0.05
     assert comparison["chosen_on"] == "validation loss" and 0 <= comparison["comparison"]["t_p_value"] < 0.05
+
+
+def test_report_plots_draw_without_a_warning_and_label_their_axes(store: dict, tmp_path: Path) -> None:
+    import warnings
+
+    from orchestrator import report_plots
+
+    summary = collect(MlflowTrials(store["uri"], store["parent"]), resamples=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's tight_layout warning among them
+        drawn = report_plots.draw_all(summary, tmp_path)
+    assert len(drawn) == 5
+    assert report_plots.metric_label("accuracy/macro") == "macro accuracy (%)"
+    # Equal parameter counts are spread apart, symmetrically on the log axis; others stay put.
+    xs = report_plots.dodged([100.0, 100.0, 100.0, 1000.0])
+    assert len(set(xs)) == 4 and xs[1] == 100.0 and xs[3] == 1000.0
+    assert math.isclose(math.log10(xs[0]) + math.log10(xs[2]), 4.0)
 
 
 def test_rows_without_a_second_configuration_say_so(store: dict) -> None:

@@ -13,7 +13,10 @@ import pytest
 from mlflow import MlflowClient
 
 from workers.errors import ConfigError
+from workers.run_inputs import DatasetRecord
 from workers.tracking import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING,
     REDACTED,
     TRIAL_ID_TAG,
     MemoryTracker,
@@ -29,6 +32,9 @@ from workers.tracking import (
 def store(tmp_path_factory) -> str:
     """One sqlite store for the module: creating its tables takes seconds."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/ml.db"
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # --- flattening and redaction ---------------------------------------------------------------------------------
@@ -191,9 +197,9 @@ def test_trial_status_maps_to_the_run_status(status: TrialStatus, mlflow_status:
     assert MlflowClient(store).get_run(tracker.run_id).info.status == mlflow_status
 
 
-def test_system_metrics_are_sampled_into_the_run_when_asked(store: str, monkeypatch) -> None:
+def test_system_metrics_are_sampled_into_every_run(store: str, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
-    tracker = MlflowTracker(store, "tracking", "r", trial_id="t-system", system_metrics=True)
+    tracker = MlflowTracker(store, "tracking", "r", trial_id="t-system")  # on by default, CPU or GPU
     deadline = time.monotonic() + 20
     client = MlflowClient(store)
     while "system/cpu_utilization_percentage" not in client.get_run(tracker.run_id).data.metrics:
@@ -242,3 +248,58 @@ def test_a_file_store_under_a_file_fails(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a writable folder"):
         check_tracking_uri(str(blocker / "mlruns"))
     check_tracking_uri((tmp_path / "new" / "mlruns").as_uri())
+
+
+# --- what MLflow's UI shows of a run --------------------------------------------------------------------------
+
+def test_experiments_are_created_as_model_training(store: str) -> None:
+    tracker = MlflowTracker(store, "kind", "r", trial_id="t-kind", system_metrics=False)
+    tags = MlflowClient(store).get_experiment(tracker.experiment_id).tags
+    assert tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING == "custom_model_development"
+    tracker.finish(TrialStatus.SUCCEEDED)
+
+
+def test_datasets_are_run_inputs_with_context_digest_and_size(store: str) -> None:
+    tracker = MlflowTracker(store, "tracking", "r", trial_id="t-inputs", system_metrics=False)
+    records = [DatasetRecord("animals-train", "training", "sweeps/data/animals-train.json", "0123456789ab", 24,
+                             {"validation_rows": 16}),
+               DatasetRecord("animals-test", "evaluation", "sweeps/data/animals-test.json", "ba9876543210", 40)]
+    tracker.log_datasets(records)
+    tracker.log_datasets(records)  # a resumed trial logs them again: still one input each
+    inputs = MlflowClient(store).get_run(tracker.run_id).inputs.dataset_inputs
+    seen = {(i.dataset.name, i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"],
+             json.loads(i.dataset.source)["uri"], json.loads(i.dataset.profile)["num_rows"]) for i in inputs}
+    assert len(inputs) == 2 and seen == {
+        ("animals-train", "0123456789ab", "training", "sweeps/data/animals-train.json", 24),
+        ("animals-test", "ba9876543210", "evaluation", "sweeps/data/animals-test.json", 40)}
+    tracker.finish(TrialStatus.SUCCEEDED)
+
+
+def test_a_trials_datasets_are_its_training_file_and_evaluation_sets(tmp_path: Path) -> None:
+    from workers.run_inputs import file_digest, trial_datasets
+    from workers.spec import parse_trial_spec
+
+    data = REPO / "sweeps" / "data"
+    spec = parse_trial_spec({"model": "m", "adapter": {"type": "prefix", "virtual_tokens": 4},
+                             "data": {"train": str(data / "animals-train.json"),
+                                      "eval": [str(data / "animals-test.json")]}, "eval": {"limit": 8}})
+    stats = {"train_file": str(data / "animals-train.json"), "train_examples": 24, "val_examples": 16,
+             "dropped_after_cutoff": 0, "train_tokens": 900}
+    train, test = trial_datasets(spec, stats)
+    assert (train.name, train.context, train.path, train.rows) == (
+        "animals-train", "training", "sweeps/data/animals-train.json", 24)
+    assert train.digest == file_digest(data / "animals-train.json") and len(train.digest) == 12
+    assert (test.name, test.context, test.path, test.rows) == ("animals-test", "evaluation",
+                                                                "sweeps/data/animals-test.json", 8)
+
+
+def test_paths_in_the_checkout_are_recorded_relative_to_it(tmp_path: Path) -> None:
+    from workers.repo_paths import relative_paths, repo_relative
+
+    assert repo_relative(str(REPO / "sweeps" / "models" / "tiny-llama")) == "sweeps/models/tiny-llama"
+    assert repo_relative(str(tmp_path / "model")) == str(tmp_path / "model")  # outside: unchanged
+    assert repo_relative("huggyllama/llama-7b") == "huggyllama/llama-7b"  # a hub id
+    spec = {"model": str(REPO / "m"), "seed": 0, "name": str(REPO / "not-a-path-field"),
+            "data": {"train": str(REPO / "t.json"), "eval": [str(REPO / "e.json"), "gsm8k"]}}
+    assert relative_paths(spec) == {"model": "m", "seed": 0, "name": str(REPO / "not-a-path-field"),
+                                    "data": {"train": "t.json", "eval": ["e.json", "gsm8k"]}}

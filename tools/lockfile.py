@@ -25,7 +25,7 @@ LOCK = REPO / "requirements.lock"
 PYPROJECT = REPO / "pyproject.toml"
 # A CPU install takes torch from the Makefile's TORCH_SPEC (or keeps the machine's own build) and
 # none of the CUDA runtime that PyPI's Linux torch wheels pull in.
-ACCELERATOR = re.compile(r"^(torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==")
+ACCELERATOR = re.compile(r"^(torch|triton|nvidia-(?!ml-py)[a-z0-9-]+|cuda-[a-z0-9-]+)==")
 HEADER = """\
 # Every package adaptune installs, at the versions its test suite passed with. Do not edit: `make lock`
 # re-resolves it from pyproject.toml (all extras; universal: Linux, macOS, Windows, Python >= 3.11),

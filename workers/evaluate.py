@@ -202,9 +202,10 @@ def evaluate(
                 generation = generation.split("### Response:")[0].strip()
             answer = extract(info, generation, spec.scoring)
             gold = str(record["answer"])
+            # What a reader compares first, the long prompt last (the artifact viewer shows lines' starts).
             predictions.append({
-                "id": index, "prompt": prompt, "generation": generation, "extracted": answer,
-                "gold": gold, "correct": is_correct(info, answer, gold),
+                "generation": generation, "gold": gold, "correct": is_correct(info, answer, gold),
+                "extracted": answer, "id": index, "prompt": prompt,
             })
         correct = sum(p["correct"] for p in predictions)
         path = None

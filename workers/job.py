@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from workers.errors import ConfigError
+from workers.repo_paths import relative_paths, repo_relative
 from workers.spec import RESUMABLE_CHANGES, TrialSpec, trial_id
 from workers.tracking import ERROR_TAG, Tracker, TrialStatus, redact
 
@@ -95,7 +96,7 @@ def run_trial(
 
     checkpoint_dir = Path(checkpoint_dir)
     info = provenance()
-    tracker.log_params({**spec.model_dump(mode="json"), "provenance": info})
+    tracker.log_params(relative_paths({**spec.model_dump(mode="json"), "provenance": info}))
     try:
         check_resumable(spec, checkpoint_dir)
         return _run(spec, tracker, checkpoint_dir, info, report, should_stop)
@@ -127,6 +128,7 @@ def _run(
     from workers.data import build_train_data, data_root
     from workers.evaluate import evaluate
     from workers.model_loading import build_model, eight_bit_config, load_tokenizer
+    from workers.run_inputs import trial_datasets
     from workers.train import Trainer, resolve_precision, seed_everything
 
     on_gpu = torch.cuda.is_available()
@@ -147,8 +149,10 @@ def _run(
     rank0 = trainer.rank == 0
     resumed = trainer.resume()
     if rank0:
-        tracker.log_params({"data_stats": data.stats, "trainable_params": counts.trainable,
-                            "base_params": counts.base})
+        # Paths in the checkout are recorded relative to it: the record reads the same on every machine.
+        tracker.log_params(relative_paths({"data_stats": data.stats, "trainable_params": counts.trainable,
+                                           "base_params": counts.base}))
+        tracker.log_datasets(trial_datasets(spec, data.stats))  # a resumed run's inputs are deduplicated
         tracker.set_tags({"adaptune.adapter": spec.adapter.short_name(), "adaptune.resumed": str(resumed)})
         if trainer.skipped:
             skipped = "; ".join(f"{p.name}: {why}" for p, why in trainer.skipped)
@@ -171,9 +175,11 @@ def _run(
     metrics: dict[str, float] = {
         "final_train_loss": outcome.final_loss,
         "trainable_params": counts.trainable,
+        "base_params": counts.base,
         "trainable_percent": counts.percent,
         "tokens_trained": outcome.tokens,
         "train_seconds": outcome.seconds,
+        "train_tokens_per_s": outcome.tokens / max(outcome.seconds, 1e-9),
         "peak_memory_gb": outcome.peak_memory_bytes / 2**30,
         ("gpu_hours" if on_gpu else "cpu_hours"): outcome.seconds * trainer.world / 3600,
     }
@@ -189,7 +195,7 @@ def _run(
             metrics["eval_tokens_per_s"] = result.generated_tokens / max(result.seconds, 1e-9)
         if rank0:
             deployed = finalize(model, spec.adapter)
-            save_adapter(model, deployed, out / "adapter", base_model=spec.model,
+            save_adapter(model, deployed, out / "adapter", base_model=repo_relative(spec.model),
                          trained_as=spec.adapter if deployed != spec.adapter else None)
     if not rank0:
         if report is not None:  # every rank reports the same steps (Ray Train synchronises on them)
@@ -197,8 +203,9 @@ def _run(
         return TrialResult(TrialStatus.SUCCEEDED, metrics)
     (out / "summary.json").write_text(json.dumps(
         {"trial_id": trial_id(spec), "adapter": spec.adapter.short_name(), "metrics": metrics,
-         "data": data.stats, "provenance": info, "losses": outcome.losses}, indent=2) + "\n")
-    (out / "spec.yaml").write_text(yaml.safe_dump(redact(spec.model_dump(mode="json")), sort_keys=False))
+         "data": relative_paths(data.stats), "provenance": info, "losses": outcome.losses}, indent=2) + "\n")
+    (out / "spec.yaml").write_text(yaml.safe_dump(relative_paths(redact(spec.model_dump(mode="json"))),
+                                                  sort_keys=False))
     tracker.log_metrics(metrics, step=outcome.global_step)
     tracker.log_artifact(out / "adapter", "adapter")
     if (out / "predictions").is_dir():

@@ -8,6 +8,7 @@ logged.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,18 +17,19 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import mlflow
-from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from workers.errors import ConfigError
+from workers.run_inputs import DatasetRecord
 from workers.spool import Call, Spool
 
 T = TypeVar("T")
@@ -46,6 +48,11 @@ RETRY_S = 5.0
 # Errors of the store that a retry may cure (MLflow reports a refused connection as INTERNAL_ERROR).
 _TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
 REDACTED = "***"
+# The experiment tag MLflow's UI reads to open an experiment on its runs table, not on the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# Seconds between two samples of CPU, memory, disk, network and (with pynvml) GPU figures.
+SYSTEM_METRICS_INTERVAL_S = 5.0
 
 _SECRET_KEY = re.compile(r"(^|[._-])(token|password|passwd|secret|credentials?|auth|(api|access|private)?[_-]?key)$",
                          re.IGNORECASE)
@@ -81,6 +88,8 @@ class Tracker(Protocol):
     def log_artifact(self, path: Path, name: str | None = None) -> None: ...
 
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def log_datasets(self, datasets: Sequence[DatasetRecord]) -> None: ...
 
     def finish(self, status: TrialStatus) -> None: ...
 
@@ -187,6 +196,7 @@ class MemoryTracker:
         self.metrics: dict[str, list[tuple[int, float]]] = {}
         self.artifacts: dict[str, Path] = {}
         self.tags: dict[str, str] = {}
+        self.datasets: list[DatasetRecord] = []
         self.status: TrialStatus | None = None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -202,6 +212,9 @@ class MemoryTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.tags.update({k: str(v) for k, v in tags.items()})
 
+    def log_datasets(self, datasets: Sequence[DatasetRecord]) -> None:
+        self.datasets.extend(datasets)
+
     def finish(self, status: TrialStatus) -> None:
         self.status = status
 
@@ -215,12 +228,14 @@ def _artifact_location(uri: str) -> str | None:
 
 
 def experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
-    """The id of experiment `name`, created when missing (safe against a concurrent creator)."""
+    """The id of experiment `name`, created when missing (safe against a concurrent creator) as a
+    model-training experiment, which MLflow's UI opens on its runs."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=_artifact_location(uri))
+        return client.create_experiment(name, artifact_location=_artifact_location(uri),
+                                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except MlflowException:
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -258,8 +273,10 @@ class MlflowTracker:
     fails the trial, whose next attempt delivers what was left before anything new. MLflow's own
     HTTP retries are then cut to one, so a call never blocks training for minutes.
 
-    Metrics of one call go in one `log_batch` request; parameters are flattened and redacted. On a GPU
-    machine MLflow's system metrics (GPU utilisation and memory, CPU, network) are sampled into the run.
+    Metrics of one call go in one `log_batch` request; parameters are flattened and redacted. MLflow's
+    system metrics (CPU, memory, disk, network; GPU utilisation and memory where a GPU and `pynvml` are
+    present) are sampled into the run every `SYSTEM_METRICS_INTERVAL_S` seconds
+    (`MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` overrides).
     """
 
     def __init__(
@@ -271,7 +288,7 @@ class MlflowTracker:
         trial_id: str,
         parent_run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
-        system_metrics: bool | None = None,
+        system_metrics: bool = True,
         spool_dir: Path | None = None,
         max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
     ) -> None:
@@ -294,14 +311,11 @@ class MlflowTracker:
             self._flush(wait=True)  # what the last attempt could not deliver, before anything new
             self._logged_to = self._retry(self._steps_logged)
         self._monitor = None
-        if system_metrics is None:
-            import torch  # here, not at the top: the sweep driver reads this module and never needs torch
-
-            system_metrics = torch.cuda.is_available()
         if system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=self.resumed, tracking_uri=uri)
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                                 resume_logging=self.resumed, tracking_uri=uri)
             self._monitor.start()
 
     def _attach(self, uri: str, experiment: str, run_name: str, trial_id: str, parent_run_id: str | None,
@@ -393,6 +407,14 @@ class MlflowTracker:
                 self.client.log_batch(self.run_id, tags=items[start:start + MAX_PARAMS_TAGS_PER_BATCH])
         elif op == "artifact":
             self._upload(Path(call["path"]), call["name"])
+        elif op == "datasets":
+            inputs = [
+                DatasetInput(Dataset(d["name"], d["digest"], "local", json.dumps({"uri": d["path"]}),
+                                     profile=json.dumps({"num_rows": d["rows"], **d["profile"]})),
+                             [InputTag("mlflow.data.context", d["context"])])
+                for d in call["datasets"]
+            ]
+            self.client.log_inputs(self.run_id, datasets=inputs)
         elif op == "finish":
             self.client.set_terminated(self.run_id, status=call["status"])
 
@@ -435,6 +457,10 @@ class MlflowTracker:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._call({"op": "tags", "tags": {k: redact_value(str(v)) for k, v in tags.items()}})
+
+    def log_datasets(self, datasets: Sequence[DatasetRecord]) -> None:
+        """The trial's datasets as MLflow run inputs: the runs table's Dataset column, the run page's inputs."""
+        self._call({"op": "datasets", "datasets": [dataclasses.asdict(d) for d in datasets]})
 
     def finish(self, status: TrialStatus) -> None:
         if self._monitor is not None:

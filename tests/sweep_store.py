@@ -1,0 +1,57 @@
+"""A small sweep's MLflow store, made by the project's own code without Ray: the demo's task, 3 trials.
+
+`start_parent` records the sweep, `run_trial` trains and evaluates each point in this process
+(DeepSpeed, a few optimizer steps) under an `MlflowTracker` nested in it, and `finish_parent` closes
+it with its report: the same records `adaptune run` writes, in about a minute on 2 busy cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = [
+    {"type": "lora", "placement": [["q", "v"]], "rank": 4},
+    {"type": "series", "placement": [["attn"]], "bottleneck": 8},
+    {"type": "prefix", "virtual_tokens": 4},
+]
+
+
+def sweep_file(folder: Path, name: str = "uisweep") -> Path:
+    """The demo sweep cut down to 3 trials of 3 optimizer steps, 8 questions each, its store in `folder`."""
+    raw = yaml.safe_load((REPO / "sweeps" / "demo.yaml").read_text())
+    raw["name"] = name
+    raw["base"]["model"] = str(REPO / "sweeps" / "models" / "tiny-llama")
+    raw["base"]["data"]["train"] = str(REPO / "sweeps" / "data" / "animals-train.json")
+    raw["base"]["data"]["eval"] = [str(REPO / "sweeps" / "data" / "animals-test.json")]
+    raw["base"]["eval"] = {"max_new_tokens": 4, "limit": 8}
+    raw["train"] = {"epochs": 1, "micro_batch_size": 8, "batch_size": 16, "lr": 1e-2, "warmup_steps": 1,
+                    "log_every": 1, "eval_every": 2, "save_every": 100}
+    raw["space"] = SPACE
+    raw["tracking"] = {"uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": name}
+    raw["storage"] = str(folder / "runs")
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def build_store(folder: Path) -> str:
+    """Run the small sweep into `folder/mlflow.db`; returns its tracking URI."""
+    from orchestrator.mlflow_sweep import finish_parent, start_parent
+    from orchestrator.sweep import load_sweep
+    from workers.job import run_trial
+    from workers.spec import trial_id
+    from workers.tracking import MlflowTracker
+
+    file = sweep_file(folder)
+    sweep, points = load_sweep(file)
+    uri = sweep.tracking.uri
+    parent = start_parent(uri, sweep, file, points, resume=False)
+    for point in points:
+        tid = trial_id(point.spec)
+        tracker = MlflowTracker(uri, sweep.experiment, point.name, trial_id=tid, parent_run_id=parent)
+        run_trial(point.spec, tracker, folder / "runs" / "trials" / tid)
+    finish_parent(uri, parent, failed=False, metric=sweep.search.metric, mode=sweep.search.mode)
+    return uri
