@@ -10,6 +10,7 @@ measured in the same run. Every variant runs in its own process, so that its pea
 Variants:
     peft-eager, peft-compiled   peft.get_peft_model(LoRA) + torch.optim.AdamW, gradient accumulation,
                                 gradient clipping; `torch.compile` on the whole model for the second
+                                (`--peft-compile regional`: on each decoder layer, as ours)
     ours-lora                   workers.job.run_trial: DeepSpeed engine, our LoRA, no evaluation
     ours-lora-compiled          the same with `train.compile: true`
     ours-series, ours-parallel  our bottleneck adapters on the MLP, against ours-lora; their size gives LoRA's
@@ -100,7 +101,13 @@ def run_peft(args: argparse.Namespace, compiled: bool) -> dict[str, Any]:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-4, fused=device == "cuda")
-    forward = torch.compile(model, backend=args.compile_backend) if compiled else model
+    forward = model
+    if compiled and args.peft_compile == "regional":
+        from workers.compile import compile_decoder_layers
+
+        compile_decoder_layers(model.base_model.model, backend=args.compile_backend)
+    elif compiled:
+        forward = torch.compile(model, backend=args.compile_backend)
     accumulation = args.batch_size // args.micro_batch_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 259, (accumulation, args.micro_batch_size, args.seq), generator=gen).to(device)
@@ -215,7 +222,7 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
     return ["--shape", args.shape, "--seq", str(args.seq), "--micro-batch-size", str(args.micro_batch_size),
             "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--dropout", str(args.dropout), "--bottleneck", str(args.bottleneck), "--zero-stage", str(args.zero_stage),
-            "--compile-backend", args.compile_backend]
+            "--compile-backend", args.compile_backend, "--peft-compile", args.peft_compile]
 
 
 def describe(res: dict[str, Any], peak_tflops: float, on_gpu: bool) -> dict[str, Any]:
@@ -263,6 +270,8 @@ def main() -> None:
     parser.add_argument("--bottleneck", type=int, default=None,
                         help="series/parallel size (tiny: 32, else LoRA's trainable parameters: matched_bottleneck)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of compiled variants")
+    parser.add_argument("--peft-compile", choices=["whole", "regional"], default="whole",
+                        help="peft-compiled: torch.compile of the whole model, or of each decoder layer")
     parser.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + " ".join(VARIANTS))

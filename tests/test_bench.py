@@ -19,9 +19,10 @@ def test_overlap_rates_count_only_the_shared_window() -> None:
 
     a = {"step_ends": [0.0, 1.0, 2.0, 3.0, 4.0], "tokens_per_step": 10}
     b = {"step_ends": [1.5, 2.5, 3.5, 4.5, 5.5], "tokens_per_step": 20}
-    total, window = overlap_rates([a, b], warmup=1)  # window (2.5, 4.0]: a ends 3 and 4, b ends 3.5
-    assert window == 1.5
-    assert total == pytest.approx((2 * 10 + 1 * 20) / 1.5)
+    # After one warm-up step each, the window is (1.5, 4.0]: a's steps end at 2, 3, 4 in it, b's at 2.5, 3.5.
+    total, window = overlap_rates([a, b], warmup=1)
+    assert window == 2.5
+    assert total == pytest.approx((3 * 10 + 2 * 20) / 2.5)
     with pytest.raises(ValueError):
         overlap_rates([a, {"step_ends": [5.0, 6.0], "tokens_per_step": 1}], warmup=1)
 
@@ -49,9 +50,12 @@ def test_gpu_suite_tiny_runs_every_part(tmp_path: Path) -> None:
     ev = report["parts"]["eval"]
     assert "error" not in ev
     assert ev["gsm8k"]["prompts"] == 16 and ev["gsm8k"]["generated_tokens"] > 0
-    for batch in ("b1", "b4", "b8"):
+    for batch in ("b1", "b8"):
         assert set(ev["methods"][batch]) == {"ours_static", "ours", "generate_batched", "generate_static"}
     share = report["parts"]["share"]
     assert share["aggregate_tokens_per_s"] > 0 and share["aggregate_over_one"] > 0
-    assert [g["met"] is None for g in report["goals"]].count(False) == len(report["goals"])  # all measured
-    assert "goal" in proc.stdout
+    values = {g["goal"]: g["value"] for g in report["goals"]}
+    assert values["eval 7b: GSM8K-sized wall s"] > 0 and values["share: aggregate / one tok/s"] > 0
+    assert values["train 7b: ours-lora-compiled / peft-compiled tok/s"] > 0
+    assert all(g["met"] is None for g in report["goals"])  # a CPU run claims nothing
+    assert "no claim (--tiny)" in proc.stdout
