@@ -50,7 +50,7 @@ PRELOAD = ["torch", "transformers", "deepspeed", "peft", "workers.job", "workers
            "eval_throughput"]
 PARTS = ("train-7b", "eval", "share", "train-1b")
 BUDGETS = {"train-7b": 170, "eval": 180, "share": 50, "train-1b": 60}  # + about 20 s to start: <= 8 minutes
-TINY_BUDGETS = {"train-7b": 40, "eval": 20, "share": 15, "train-1b": 0}
+TINY_BUDGETS = {"train-7b": 35, "eval": 15, "share": 20, "train-1b": 0}  # + about 20 s to start
 # In the order they run: when a budget ends, the most telling comparisons are in.
 TRAIN_ORDER = {
     "train-7b": ("peft-compiled", "ours-lora-compiled", "peft-eager", "ours-series-compiled",
