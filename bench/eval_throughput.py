@@ -7,6 +7,7 @@ with `min_new_tokens` equal to `max_new_tokens`. Methods, each timed in this run
 
 - `ours`: `workers.evaluate.generate_greedy` at `--batch-size` (length-sorted, left-padded, DynamicCache);
 - `ours_prefill`: the same with one new token, to split our time into prefill and decode;
+- `ours_static`: ours with a static cache, its decoding step compiled (`--compile`), timed after a warm-up call;
 - `paper`: `generate`, batch 1, beam search 4 (the paper's evaluate.py; the best beam's tokens count);
 - `generate_b1`: `generate`, batch 1, greedy;
 - `generate_batched`: `generate` at `--batch-size`, greedy, its default dynamic cache;
@@ -30,9 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, CompileConfig, LlamaConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, CompileConfig, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.data import load_records
+from workers.errors import ConfigError
 from workers.evaluate import generate_greedy
 from workers.model_loading import build_model, byte_tokenizer
 from workers.prompts import evaluation_prompt
@@ -61,9 +63,29 @@ def build(args: argparse.Namespace) -> PreTrainedModel:
         return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
+# Deciles of the GSM8K test questions' lengths in characters (min, 10%, ..., 90%, max; mean 240).
+GSM8K_CHARS = (73, 136, 157, 179, 203, 222, 245, 272, 309, 366, 848)
+FILLER = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+          "How many clips did Natalia sell altogether in April and May? ")
+
+
+def gsm8k_like_questions(n: int) -> list[str]:
+    """`n` stand-in questions whose lengths follow GSM8K's deciles, for machines without the data."""
+    lengths = []
+    for i in range(n):
+        pos = 10 * ((i * 0.618034) % 1.0)  # spread over the deciles, in no order
+        lo, frac = int(pos), pos - int(pos)
+        lengths.append(round(GSM8K_CHARS[lo] + frac * (GSM8K_CHARS[lo + 1] - GSM8K_CHARS[lo])))
+    return [(FILLER * (1 + length // len(FILLER)))[:length] for length in lengths]
+
+
 def gsm8k_prompts(n: int, root: Path, chars: int | None) -> list[str]:
-    """The first `n` GSM8K test prompts (cycled when n exceeds the set), the last `chars` of each if given."""
-    instructions = load_records(task_file("gsm8k", root))["instruction"]
+    """The first `n` GSM8K test prompts (cycled when n exceeds the set), the last `chars` of each if given;
+    without the data set at `root`, stand-ins of the same lengths (`gsm8k_like_questions`)."""
+    try:
+        instructions = load_records(task_file("gsm8k", root))["instruction"]
+    except ConfigError:
+        instructions = gsm8k_like_questions(n)
     prompts = [evaluation_prompt(instructions[i % len(instructions)]) for i in range(n)]
     return [p[-chars:] for p in prompts] if chars else prompts
 
@@ -76,6 +98,65 @@ def timed(fn: Callable[[], int], device: str) -> tuple[int, float]:
     tokens = fn()
     sync()
     return tokens, time.perf_counter() - start
+
+
+def ours_compile_config(backend: str = "inductor") -> CompileConfig:
+    """How ours compiles its static-cache step: transformers' settings (CUDA graphs), but a graph break
+    splits the graph instead of failing the run."""
+    return CompileConfig(backend=backend, fullgraph=False)
+
+
+def make_methods(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str], slow: list[str], new: int,
+    batch_size: int, compile_static: bool, compile_backend: str = "inductor",
+) -> dict[str, tuple[int, Callable[[], int]]]:
+    """name -> (prompts it runs, a call that generates `new` tokens for each and returns how many it made)."""
+    device = next(model.parameters()).device
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    fixed = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id,
+                 eos_token_id=tok.eos_token_id)
+
+    def encode(batch: list[str]) -> dict[str, torch.Tensor]:
+        return tok(batch, return_tensors="pt", padding=True).to(device)
+
+    def generate_each(**extra: object) -> int:
+        done = 0
+        for p in slow:
+            enc = encode([p])
+            out = model.generate(**enc, **fixed, **extra)
+            done += out.shape[1] - enc["input_ids"].shape[1]
+        return done
+
+    def generate_batches(**extra: object) -> int:
+        done = 0
+        for start in range(0, len(prompts), batch_size):
+            enc = encode(prompts[start:start + batch_size])
+            out = model.generate(**enc, **fixed, **extra)
+            done += out[:, enc["input_ids"].shape[1]:].numel()
+        return done
+
+    static: dict[str, object] = dict(cache_implementation="static", max_cache_len=max(lengths) + new)
+    if compile_static:
+        compile_config = CompileConfig(backend=compile_backend)
+        compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+        static["compile_config"] = compile_config
+    else:
+        static["disable_compile"] = True
+
+    def ours(n_new: int, **extra: object) -> Callable[[], int]:
+        return lambda: generate_greedy(model, tok, prompts, n_new, batch_size, stop_at_eos=False, **extra)[1]
+
+    ours_compile = ours_compile_config(compile_backend) if compile_static else None
+
+    return {
+        "ours": (len(prompts), ours(new)),
+        "ours_prefill": (len(prompts), ours(1)),
+        "ours_static": (len(prompts), ours(new, cache="static", compile_config=ours_compile)),
+        "paper": (len(slow), lambda: generate_each(num_beams=4)),
+        "generate_b1": (len(slow), lambda: generate_each()),
+        "generate_batched": (len(prompts), lambda: generate_batches()),
+        "generate_static": (len(prompts), lambda: generate_batches(**static)),
+    }
 
 
 def main() -> None:
@@ -108,54 +189,15 @@ def main() -> None:
     slow = prompts[: args.n_slow]
     lengths = [len(tok(p)["input_ids"]) for p in prompts]
     new = args.max_new_tokens
-    fixed = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id,
-                 eos_token_id=tok.eos_token_id)
-
-    def encode(batch: list[str]) -> dict[str, torch.Tensor]:
-        return tok(batch, return_tensors="pt", padding=True).to(args.device)
-
-    def generate_each(**extra: object) -> int:
-        done = 0
-        for p in slow:
-            enc = encode([p])
-            out = model.generate(**enc, **fixed, **extra)
-            done += out.shape[1] - enc["input_ids"].shape[1]
-        return done
-
-    def generate_batches(**extra: object) -> int:
-        done = 0
-        for start in range(0, len(prompts), args.batch_size):
-            enc = encode(prompts[start:start + args.batch_size])
-            out = model.generate(**enc, **fixed, **extra)
-            done += out[:, enc["input_ids"].shape[1]:].numel()
-        return done
-
-    static = dict(cache_implementation="static", max_cache_len=max(lengths) + new)
-    if compile_static:
-        compile_config = CompileConfig()
-        compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
-        static["compile_config"] = compile_config
-    else:
-        static["disable_compile"] = True
-
-    def ours(n_new: int) -> Callable[[], int]:
-        return lambda: generate_greedy(model, tok, prompts, n_new, args.batch_size, stop_at_eos=False)[1]
-
-    methods: dict[str, tuple[int, Callable[[], int]]] = {
-        "ours": (len(prompts), ours(new)),
-        "ours_prefill": (len(prompts), ours(1)),
-        "paper": (len(slow), lambda: generate_each(num_beams=4)),
-        "generate_b1": (len(slow), lambda: generate_each()),
-        "generate_batched": (len(prompts), lambda: generate_batches()),
-        "generate_static": (len(prompts), lambda: generate_batches(**static)),
-    }
+    methods = make_methods(model, tok, prompts, slow, new, args.batch_size, compile_static)
     methods = {name: run for name, run in methods.items() if name not in skip}
     results: dict[str, dict[str, float]] = {name: {"prompts": n} for name, (n, _) in methods.items()}
     runs: dict[str, list[tuple[int, float]]] = {name: [] for name in methods}
     with torch.no_grad():
         generate_greedy(model, tok, prompts[:2], 2, 2)  # allocator and kernel warm-up, untimed
-        if "generate_static" in methods:
-            _, results["generate_static"]["warmup_seconds"] = timed(methods["generate_static"][1], args.device)
+        for name in ("generate_static", "ours_static"):
+            if name in methods:
+                _, results[name]["warmup_seconds"] = timed(methods[name][1], args.device)
         # Round robin, so that a change of load on a shared machine hits every method alike.
         for _ in range(args.repeats):
             for name, (_, fn) in methods.items():
@@ -182,6 +224,10 @@ def main() -> None:
         mine = results["ours"]
         report["ratios"] = {f"ours_vs_{k}": mine["tokens_per_s"] / v["tokens_per_s"]
                             for k, v in results.items() if k not in ("ours", "ours_prefill")}
+        if "ours_static" in results:
+            report["ratios"]["ours_static_vs_generate_static"] = (
+                results["ours_static"]["tokens_per_s"] / results["generate_static"]["tokens_per_s"]
+                if "generate_static" in results else None)
         if "ours_prefill" in results:
             report["ours_prefill_share"] = results["ours_prefill"]["seconds"] / mine["seconds"]
     print(json.dumps(report, indent=2))

@@ -10,9 +10,13 @@ measured in the same run. Every variant runs in its own process, so that its pea
 Variants:
     peft-eager, peft-compiled   peft.get_peft_model(LoRA) + torch.optim.AdamW, gradient accumulation,
                                 gradient clipping; `torch.compile` on the whole model for the second
+                                (`--peft-compile regional`: on each decoder layer, as ours)
     ours-lora                   workers.job.run_trial: DeepSpeed engine, our LoRA, no evaluation
     ours-lora-compiled          the same with `train.compile: true`
-    ours-series, ours-parallel  our bottleneck adapters on the MLP (size 256; tiny: 32), against ours-lora
+    ours-series, ours-parallel  our bottleneck adapters on the MLP, against ours-lora; their size gives LoRA's
+                                trainable parameters (`matched_bottleneck`; tiny: 32)
+    ours-prefix                 prefix tuning, 10 virtual tokens
+    ours-*-compiled             any of ours with `train.compile: true` (regional: each decoder layer)
 
 Both sides see full rows of `seq` tokens (no padding) and the paper's LoRA (r 32, alpha 64, dropout
 0.05 on q, k, v, up, down). Tokens/s is the median over steps after `--warmup` steps. MFU counts
@@ -43,6 +47,8 @@ sys.path.insert(0, str(REPO))
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 4, "vocab_size": 259},
+    "small": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "num_key_value_heads": 12, "vocab_size": 32000},
     "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
            "num_key_value_heads": 4, "vocab_size": 32000},
     "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -50,10 +56,13 @@ SHAPES: dict[str, dict[str, int]] = {
 }
 LORA_SLOTS = ["q", "k", "v", "up", "down"]
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-VARIANTS = ("peft-eager", "peft-compiled", "ours-lora", "ours-lora-compiled", "ours-series", "ours-parallel")
+VARIANTS = ("peft-eager", "peft-compiled", "ours-lora", "ours-lora-compiled", "ours-series", "ours-parallel",
+            "ours-prefix", "ours-series-compiled", "ours-parallel-compiled", "ours-prefix-compiled")
 RATIOS = (
     ("ours-lora", "peft-eager"), ("ours-lora", "peft-compiled"), ("ours-lora-compiled", "peft-compiled"),
-    ("peft-compiled", "peft-eager"), ("ours-series", "ours-lora"), ("ours-parallel", "ours-lora"),
+    ("peft-compiled", "peft-eager"), ("ours-lora-compiled", "ours-lora"),
+    ("ours-series", "ours-lora"), ("ours-parallel", "ours-lora"),
+    ("ours-series-compiled", "ours-lora-compiled"), ("ours-parallel-compiled", "ours-lora-compiled"),
 )
 
 
@@ -92,7 +101,13 @@ def run_peft(args: argparse.Namespace, compiled: bool) -> dict[str, Any]:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-4, fused=device == "cuda")
-    forward = torch.compile(model) if compiled else model
+    forward = model
+    if compiled and args.peft_compile == "regional":
+        from workers.compile import compile_decoder_layers
+
+        compile_decoder_layers(model.base_model.model, backend=args.compile_backend)
+    elif compiled:
+        forward = torch.compile(model, backend=args.compile_backend)
     accumulation = args.batch_size // args.micro_batch_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 259, (accumulation, args.micro_batch_size, args.seq), generator=gen).to(device)
@@ -116,13 +131,27 @@ def run_peft(args: argparse.Namespace, compiled: bool) -> dict[str, Any]:
 
 # --- our worker -----------------------------------------------------------------------------------------------
 
+def matched_bottleneck(shape: str) -> int:
+    """The bottleneck b at which a series or parallel adapter on the MLP (d -> b -> d per layer) trains as
+    many parameters as the paper's LoRA: b = Σ_linears r (d_in + d_out) / 2d, r = 32 (7b: 214, 1b: 188)."""
+    s = SHAPES[shape]
+    d, kv = s["hidden_size"], s["hidden_size"] * s["num_key_value_heads"] // s["num_attention_heads"]
+    lora = 32 * ((d + d) + 2 * (d + kv) + 2 * (d + s["intermediate_size"]))
+    return round(lora / (2 * d))
+
+
 def _adapter(variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    if variant.startswith("ours-lora"):
+    kind = variant.removeprefix("ours-").removesuffix("-compiled")
+    if kind == "lora":
         return {"type": "lora", "placement": LORA_SLOTS, "rank": 32, "alpha": 64, "dropout": args.dropout}
-    return {"type": variant.removeprefix("ours-"), "placement": ["mlp"], "bottleneck": args.bottleneck}
+    if kind == "prefix":
+        return {"type": "prefix", "virtual_tokens": 10}
+    return {"type": kind, "placement": ["mlp"], "bottleneck": args.bottleneck}
 
 
 def run_ours(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    """Our worker's tokens/s and peak memory, and the wall-clock end of every optimizer step (`step_ends`)."""
+    import workers.compile
     from workers.job import run_trial
     from workers.spec import parse_trial_spec
     from workers.tracking import MemoryTracker, TrialStatus
@@ -145,16 +174,22 @@ def run_ours(args: argparse.Namespace, variant: str) -> dict[str, Any]:
                       "zero_stage": args.zero_stage},
             "seed": 0,
         })
+        workers.compile.BACKEND = args.compile_backend
         windows: list[dict[str, float]] = []
-        result = run_trial(spec, MemoryTracker(), Path(tmp) / "trial",
-                           report=lambda metrics, _: windows.append(metrics) if "tokens_per_s" in metrics else None)
+
+        def on_step(metrics: dict[str, float], _: Path | None) -> None:
+            if "tokens_per_s" in metrics:
+                windows.append({**metrics, "end": time.time()})
+
+        result = run_trial(spec, MemoryTracker(), Path(tmp) / "trial", report=on_step)
         if result.status != TrialStatus.SUCCEEDED:
             raise RuntimeError(f"{variant}: {result.status}: {result.error}")
     rates = [w["tokens_per_s"] for w in windows[args.warmup:]]
     return {"tokens_per_s": statistics.median(rates), "peak_memory_bytes": int(windows[-1]["peak_memory_gb"] * 2**30),
             "trainable_params": int(result.metrics["trainable_params"]),
             "base_params": sum(p.numel() for p in _meta_model(args.shape).parameters()),
-            "first_step_s": args.batch_size * args.seq / windows[0]["tokens_per_s"]}
+            "first_step_s": args.batch_size * args.seq / windows[0]["tokens_per_s"],
+            "step_ends": [w["end"] for w in windows], "tokens_per_step": args.batch_size * args.seq}
 
 
 def _meta_model(shape: str) -> torch.nn.Module:
@@ -186,18 +221,29 @@ def measure(args: argparse.Namespace, variant: str) -> dict[str, Any]:
 def _shared_flags(args: argparse.Namespace) -> list[str]:
     return ["--shape", args.shape, "--seq", str(args.seq), "--micro-batch-size", str(args.micro_batch_size),
             "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--dropout", str(args.dropout), "--bottleneck", str(args.bottleneck), "--zero-stage", str(args.zero_stage)]
+            "--dropout", str(args.dropout), "--bottleneck", str(args.bottleneck), "--zero-stage", str(args.zero_stage),
+            "--compile-backend", args.compile_backend, "--peft-compile", args.peft_compile]
+
+
+def describe(res: dict[str, Any], peak_tflops: float, on_gpu: bool) -> dict[str, Any]:
+    """A variant's raw result in reported units: GiB, rounded tokens/s, and MFU on a GPU."""
+    out = {k: v for k, v in res.items() if k not in ("peak_memory_bytes", "step_ends")}
+    out["peak_memory_gib"] = round(res["peak_memory_bytes"] / 2**30, 3)
+    if on_gpu:
+        out["mfu"] = round(4 * res["base_params"] * res["tokens_per_s"] / (peak_tflops * 1e12), 4)
+    out["tokens_per_s"] = round(res["tokens_per_s"], 1)
+    return out
+
+
+def ratios(ok: dict[str, dict[str, Any]], key: str) -> dict[str, float]:
+    """`key` of a over b for every pair (a, b) of RATIOS measured in `ok`."""
+    return {f"{a}/{b}": round(ok[a][key] / ok[b][key], 3) for a, b in RATIOS if a in ok and b in ok}
 
 
 def summarise(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     on_gpu = torch.cuda.is_available()
-    for res in results.values():
-        if "tokens_per_s" not in res:
-            continue
-        res["peak_memory_gib"] = round(res.pop("peak_memory_bytes") / 2**30, 3)
-        if on_gpu:
-            res["mfu"] = round(4 * res["base_params"] * res["tokens_per_s"] / (args.peak_tflops * 1e12), 4)
-        res["tokens_per_s"] = round(res["tokens_per_s"], 1)
+    results = {name: describe(r, args.peak_tflops, on_gpu) if "tokens_per_s" in r else r
+               for name, r in results.items()}
     ok = {name: r for name, r in results.items() if "tokens_per_s" in r}
     return {
         "bench": "train_throughput",
@@ -207,10 +253,8 @@ def summarise(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> d
         "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "lora_dropout": args.dropout,
         "bottleneck": args.bottleneck, "zero_stage": args.zero_stage,
         "variants": results,
-        "throughput_ratios": {f"{a}/{b}": round(ok[a]["tokens_per_s"] / ok[b]["tokens_per_s"], 3)
-                              for a, b in RATIOS if a in ok and b in ok},
-        "memory_ratios": {f"{a}/{b}": round(ok[a]["peak_memory_gib"] / ok[b]["peak_memory_gib"], 3)
-                          for a, b in RATIOS if a in ok and b in ok},
+        "throughput_ratios": ratios(ok, "tokens_per_s"),
+        "memory_ratios": ratios(ok, "peak_memory_gib"),
     }
 
 
@@ -223,7 +267,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (tiny: 6, else 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (compilation happens here)")
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (the paper: 0.05)")
-    parser.add_argument("--bottleneck", type=int, default=None, help="series/parallel size (tiny: 32, else 256)")
+    parser.add_argument("--bottleneck", type=int, default=None,
+                        help="series/parallel size (tiny: 32, else LoRA's trainable parameters: matched_bottleneck)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of compiled variants")
+    parser.add_argument("--peft-compile", choices=["whole", "regional"], default="whole",
+                        help="peft-compiled: torch.compile of the whole model, or of each decoder layer")
     parser.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + " ".join(VARIANTS))
@@ -233,7 +281,7 @@ def main() -> None:
     args.seq = args.seq or (128 if tiny else 256)
     args.batch_size = args.batch_size or (8 if tiny else 16)
     args.steps = args.steps or (6 if tiny else 10)
-    args.bottleneck = args.bottleneck or (32 if tiny else 256)
+    args.bottleneck = args.bottleneck or (32 if tiny else matched_bottleneck(args.shape))
     if args.variant:
         print(json.dumps(run_variant(args)))
         return

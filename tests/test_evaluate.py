@@ -171,3 +171,26 @@ def test_generation_budget_is_the_references_per_kind_of_set() -> None:
         256, 256, 256, 32, 32, 32]
     assert new_tokens(EvalSpec(protocol="paper"), task("hellaswag")) == 32
     assert new_tokens(EvalSpec(max_new_tokens=8), task("gsm8k")) == 8
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_static_cache_and_dropping_finished_rows_give_the_same_tokens(family: str) -> None:
+    model = tiny_model(family)
+    tok, _ = _tokenizer_whose_eos_occurs(model)
+    dynamic, n = generate_greedy(model, tok, PROMPTS, 12, batch_size=4)  # finished rows leave the batch
+    single = [generate_greedy(model, tok, [p], 12, batch_size=1)[0][0] for p in PROMPTS]
+    static, n_static = generate_greedy(model, tok, PROMPTS, 12, batch_size=4, cache="static")  # last batch filled
+    assert dynamic == single == static and n == n_static
+    assert any(len(s) < 12 for s in dynamic), "some row must have stopped at EOS"
+
+
+def test_a_compiled_static_step_is_reused_across_batches_and_gives_the_same_tokens() -> None:
+    from transformers import CompileConfig
+
+    model = tiny_model("llama")
+    tok, _ = _tokenizer_whose_eos_occurs(model)
+    plain, _ = generate_greedy(model, tok, PROMPTS, 12, batch_size=4)
+    compiled, _ = generate_greedy(model, tok, PROMPTS, 12, batch_size=4, cache="static",
+                                  compile_config=CompileConfig(backend="eager", fullgraph=False))
+    assert compiled == plain
+    assert model._compiled_call is not None  # one compiled step, kept on the model for the next call

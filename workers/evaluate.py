@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import CompileConfig, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from workers.data import custom_task, load_records
 from workers.prompts import Template, evaluation_prompt
@@ -59,6 +59,13 @@ def _accepts(model: PreTrainedModel, argument: str) -> bool:
     return argument in inspect.signature(model.forward).parameters
 
 
+CACHE_BUCKET = 256  # static caches are sized in multiples of this, so that calls of similar lengths share one shape
+
+
+def _bucket(length: int) -> int:
+    return -(-length // CACHE_BUCKET) * CACHE_BUCKET
+
+
 @torch.no_grad()
 def generate_greedy(
     model: PreTrainedModel,
@@ -68,9 +75,18 @@ def generate_greedy(
     batch_size: int,
     *,
     stop_at_eos: bool = True,
+    cache: Literal["dynamic", "static"] = "dynamic",
+    compile_config: CompileConfig | None = None,
 ) -> tuple[list[list[int]], int]:
     """Greedy continuations of `prompts` (token ids, EOS excluded) and the number generated.
 
+    Prompts run longest first, `batch_size` at a time, left-padded. `cache="dynamic"` drops the rows
+    that reached EOS from the batch and its cache, so finished rows cost nothing. `cache="static"`
+    keeps one preallocated cache of (batch_size, L) for every batch, L the longest prompt plus
+    `max_new_tokens` rounded up to a multiple of `CACHE_BUCKET`, the last batch filled up with
+    repeated rows: every decoding step has the same shapes, so `compile_config` (a transformers
+    `CompileConfig`) compiles the step once and every batch reuses it; finished rows stay until
+    the whole batch is done. Both give the same tokens (tests/test_evaluate.py).
     `stop_at_eos=False` generates exactly `max_new_tokens` per prompt (benchmarks on random weights).
     """
     device = next(model.parameters()).device
@@ -82,40 +98,60 @@ def generate_greedy(
     with_positions = _accepts(model, "position_ids")
     # Only the last position's logits are needed; the full prefill logits would cost batch x width x vocab.
     last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    static = cache == "static"
+    total = _bucket(max((len(e) for e in encoded), default=0) + max_new_tokens)
+    kv = StaticCache(config=model.config, max_cache_len=total) if static else None
+    step_call = model.get_compiled_call(compile_config) if static and compile_config is not None else model
     outputs: list[list[int]] = [[] for _ in prompts]
     generated = 0
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
+        filled = rows + [rows[-1]] * (batch_size - len(rows)) if static else rows
         width = max(len(encoded[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
+        ids = torch.full((len(filled), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(filled), total if static else width), dtype=torch.long)
+        for r, i in enumerate(filled):
             ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[r, width - len(encoded[i]):] = 1
+            mask[r, width - len(encoded[i]):] = 1  # static: the free slots too (causality hides them)
         ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
-        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        step_ids = ids
-        tokens: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            kwargs = {"position_ids": positions, **last_only} if with_positions else last_only
-            logits = model(
-                input_ids=step_ids, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs
+        positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+        if static:
+            kv.reset()
+        past = kv if static else DynamicCache(config=model.config)
+        active = torch.arange(len(filled), device=device)  # the batch's rows still decoding
+        steps = torch.full((len(filled), max_new_tokens), pad, dtype=torch.long, device=device)
+        step_ids, call, n_steps = ids, model, 0
+        done = torch.zeros(len(filled), dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            kwargs = {"position_ids": positions, **last_only} if with_positions else dict(last_only)
+            if static:
+                kwargs["cache_position"] = torch.arange(width + step - step_ids.shape[1], width + step, device=device)
+            logits = call(
+                input_ids=step_ids, attention_mask=mask, past_key_values=past, use_cache=True, **kwargs
             ).logits[:, -1]
             nxt = logits.argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            tokens.append(nxt)
-            if stop_at_eos:
-                done |= nxt == eos
-            if bool(done.all()):
-                break
-            step_ids = nxt[:, None]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            steps[active, step] = nxt
+            n_steps = step + 1
+            finished = nxt == eos if stop_at_eos else torch.zeros_like(nxt, dtype=torch.bool)
+            if static:  # fixed shapes: a finished row decodes on (its tokens after EOS are dropped)
+                done |= finished
+                if bool(done.all()):
+                    break
+            else:
+                n_finished = int(finished.sum())
+                if n_finished == len(active):
+                    break
+                if n_finished:  # drop finished rows from the batch and the cache
+                    keep = (~finished).nonzero()[:, 0]
+                    past.batch_select_indices(keep)
+                    active, nxt, mask, positions = active[keep], nxt[keep], mask[keep], positions[keep]
+            step_ids, call = nxt[:, None], step_call
+            if not static:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             positions = positions[:, -1:] + 1
-        steps = torch.stack(tokens, dim=1).tolist()
+        table = steps[: len(rows), :n_steps].tolist()
         for r, i in enumerate(rows):
-            seq = steps[r]
+            seq = table[r]
             if stop_at_eos and eos in seq:
                 seq = seq[: seq.index(eos)]
             outputs[i] = seq

@@ -138,8 +138,10 @@ def _run(
     tokenizer = load_tokenizer(spec.tokenizer or spec.model, spec.trust_remote_code)
     data = build_train_data(spec.data, tokenizer, spec.seed)
     seed_everything(spec.seed)
-    # An 8-bit base is quantized as it loads, on this rank's GPU; any other loads on the CPU and the trainer moves it.
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if spec.load_in_8bit else "cpu"
+    # An 8-bit base is quantized as it loads, and a random one initialised, on this rank's GPU (a 7B random
+    # init takes minutes on a CPU); any other loads on the CPU and the trainer moves it.
+    on_rank_gpu = spec.load_in_8bit or (spec.random_init and on_gpu)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if on_rank_gpu else "cpu"
     model = build_model(spec.model, overrides=spec.model_overrides, random_init=spec.random_init,
                         trust_remote_code=spec.trust_remote_code, dtype=dtype, device=device, seed=spec.seed,
                         load_in_8bit=spec.load_in_8bit)

@@ -88,7 +88,8 @@ class TrainSpec(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
-    compile: bool = False
+    compile: bool | None = Field(
+        None, description="compile each decoder layer (workers/compile.py); unset: on CUDA, not on a CPU")
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(200, gt=0, description="validation loss every M optimizer steps")
     save_every: int = Field(200, gt=0, description="checkpoint every K optimizer steps")

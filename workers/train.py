@@ -28,8 +28,10 @@ from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from workers import checkpoints
 from workers.adapters.registry import enable_gradient_checkpointing
+from workers.compile import compile_decoder_layers, compile_enabled
 from workers.data import TrainData, collate, micro_batches, to_device
 from workers.errors import ConfigError
+from workers.loss import causal_lm_loss
 from workers.placement import family_for
 
 if TYPE_CHECKING:
@@ -188,8 +190,8 @@ class Trainer:
             lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, total),
         )
         self.engine.checkpoint_engine = SafeCheckpointEngine()  # checkpoints load with weights_only=True
-        if spec.train.compile:
-            self.engine.compile()
+        if compile_enabled(spec.train.compile, on_gpu):
+            compile_decoder_layers(self.engine.module)
         self.global_step, self.epoch, self.position, self.tokens = 0, 0, 0, 0
         self.losses: list[tuple[int, float]] = []
         self.last_val_loss: float | None = None
@@ -286,7 +288,11 @@ class Trainer:
         return deepspeed.zero.GatheredParameters([p for _, p in adapter_parameters(self.engine.module)])
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = self.engine(**batch).loss
+        # The chunked loss reads the LM head's weight outside its forward: ZeRO-3 holds only a shard there.
+        if self.spec.train.zero_stage == 3:
+            loss = self.engine(**batch).loss
+        else:
+            loss = causal_lm_loss(self.engine, self.engine.module, batch)
         adapter = self.spec.adapter
         if adapter.type == "mosa" and adapter.consistency_weight > 0:
             from workers.adapters.mosa import consistency_loss

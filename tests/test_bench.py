@@ -1,0 +1,61 @@
+"""The GPU suite's code paths run on a CPU (`--tiny`): a GPU run cannot fail on a typo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def test_overlap_rates_count_only_the_shared_window() -> None:
+    from gpu_suite import overlap_rates
+
+    a = {"step_ends": [0.0, 1.0, 2.0, 3.0, 4.0], "tokens_per_step": 10}
+    b = {"step_ends": [1.5, 2.5, 3.5, 4.5, 5.5], "tokens_per_step": 20}
+    # After one warm-up step each, the window is (1.5, 4.0]: a's steps end at 2, 3, 4 in it, b's at 2.5, 3.5.
+    total, window = overlap_rates([a, b], warmup=1)
+    assert window == 2.5
+    assert total == pytest.approx((3 * 10 + 2 * 20) / 2.5)
+    with pytest.raises(ValueError):
+        overlap_rates([a, {"step_ends": [5.0, 6.0], "tokens_per_step": 1}], warmup=1)
+
+
+def test_matched_bottleneck_gives_loras_trainable_parameters() -> None:
+    from train_throughput import matched_bottleneck
+
+    # LLaMA-7B: LoRA r32 on q, k, v, up, down trains 56,098,816 (README); a d -> b -> d adapter per layer 2·d·b.
+    assert abs(32 * 2 * 4096 * matched_bottleneck("7b") - 56_098_816) < 2 * 4096 * 32
+
+
+@pytest.mark.slow
+def test_gpu_suite_tiny_runs_every_part(tmp_path: Path) -> None:
+    out = tmp_path / "tiny.json"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
+    # Budgets scaled up: a loaded CI machine must not turn a slow unit into a failure; the timings are in the JSON.
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--tiny", "--out", str(out),
+                           "--budget-scale", "4"], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    train = report["parts"]["train-7b"]
+    assert {k: v.get("error") for k, v in train["variants"].items() if "error" in v} == {}
+    assert all(v["tokens_per_s"] > 0 for v in train["variants"].values())
+    assert {"ours-lora-compiled/peft-compiled", "ours-series/ours-lora"} <= set(train["ratios"])
+    ev = report["parts"]["eval"]
+    assert "error" not in ev
+    assert ev["gsm8k"]["prompts"] == 16 and ev["gsm8k"]["generated_tokens"] > 0
+    for batch in ("b1", "b8"):
+        assert set(ev["methods"][batch]) == {"ours_static", "ours", "generate_batched", "generate_static"}
+    share = report["parts"]["share"]
+    assert share["aggregate_tokens_per_s"] > 0 and share["aggregate_over_one"] > 0
+    values = {g["goal"]: g["value"] for g in report["goals"]}
+    assert values["eval 7b: GSM8K-sized wall s"] > 0 and values["share: aggregate / one tok/s"] > 0
+    assert values["train 7b: ours-lora-compiled / peft-compiled tok/s"] > 0
+    assert all(g["met"] is None for g in report["goals"])  # a CPU run claims nothing
+    assert "no claim (--tiny)" in proc.stdout

@@ -1,0 +1,32 @@
+"""Regional compilation: each decoder layer compiled in place, the rest of the model eager.
+
+The L decoder layers share one code path and one set of shapes, so `torch.compile` traces and
+generates one layer's kernels and reuses them L times: compile time is that of one layer, not of
+the model (the PyTorch recipe "regional compilation"). Adapters inside a layer are compiled with it;
+embeddings, the LM head and the loss (workers/loss.py) stay eager.
+
+`train.compile`: `None` (the default) compiles where it pays, on CUDA, and not on a CPU, where
+inductor's C++ build costs more than a short run saves; `true` or `false` decide on any device.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from workers.placement import family_for
+
+# The torch.compile backend; the GPU suite's `--tiny` sets "eager" to trace the same code on a CPU in seconds.
+BACKEND = "inductor"
+
+
+def compile_enabled(setting: bool | None, on_gpu: bool) -> bool:
+    """Whether to compile: the spec's `train.compile`, or on CUDA only where it is unset."""
+    return on_gpu if setting is None else setting
+
+
+def compile_decoder_layers(model: nn.Module, backend: str | None = None) -> int:
+    """Compile every decoder layer of `model` (a causal LM of a known family) in place; returns how many."""
+    layers = model.get_submodule(family_for(model.config).layers)
+    for layer in layers:
+        layer.compile(backend=backend or BACKEND)
+    return len(layers)
