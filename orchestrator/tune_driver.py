@@ -212,6 +212,8 @@ class ProgressTable(tune.Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.live is not None:
             self.live.stop()
+            if not self.live.console.is_terminal:  # rich ends the table's last line only on a terminal
+                self.live.console.line()
 
 
 # Tune's loggers of a failed trial's traceback and of the trials that did not complete: the closing table names
