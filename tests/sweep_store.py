@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
+from test_driver import tiny_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = [
@@ -21,20 +21,8 @@ SPACE = [
 
 def sweep_file(folder: Path, name: str = "uisweep") -> Path:
     """The demo sweep cut down to 3 trials of 3 optimizer steps, 8 questions each, its store in `folder`."""
-    raw = yaml.safe_load((REPO / "sweeps" / "demo.yaml").read_text())
-    raw["name"] = name
-    raw["base"]["model"] = str(REPO / "sweeps" / "models" / "tiny-llama")
-    raw["base"]["data"]["train"] = str(REPO / "sweeps" / "data" / "animals-train.json")
-    raw["base"]["data"]["eval"] = [str(REPO / "sweeps" / "data" / "animals-test.json")]
-    raw["base"]["eval"] = {"max_new_tokens": 4, "limit": 8}
-    raw["train"] = {"epochs": 1, "micro_batch_size": 8, "batch_size": 16, "lr": 1e-2, "warmup_steps": 1,
-                    "log_every": 1, "eval_every": 2, "save_every": 100}
-    raw["space"] = SPACE
-    raw["tracking"] = {"uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": name}
-    raw["storage"] = str(folder / "runs")
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return tiny_sweep(folder, name, SPACE, train={"warmup_steps": 1, "log_every": 1, "eval_every": 2,
+                                                  "save_every": 100})
 
 
 def build_store(folder: Path) -> str:

@@ -18,11 +18,11 @@ from workers.data import (
     load_records,
     micro_batches,
     padding_share,
-    task_file,
     tokenize_example,
 )
 from workers.errors import ConfigError
 from workers.spec import DataSpec
+from workers.tasks import task_file
 
 
 def test_every_task_resolves_to_its_folder(shared_data: Path) -> None:

@@ -130,22 +130,29 @@ def _session_pids(sid: int, needle: str) -> list[int]:
 TWO = [{"type": "lora", "placement": [["q", "v"], ["up", "down"]], "rank": 4}]
 
 
+def _run_until_a_checkpoint(tmp_path: Path, sweep: Path, name: str) -> tuple[subprocess.Popen, Path, list[int]]:
+    """`adaptune run` in a session of its own, until a trial has written a checkpoint and none has
+    finished: the driver, the trials' folder and the PIDs of the trial workers."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(sweep)], cwd=tmp_path, env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials = tmp_path / "runs" / name / "trials"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(trials.glob("*/step-*")):
+        time.sleep(0.2)
+    workers = _session_pids(driver.pid, "ImplicitFunc")
+    assert workers and not list(trials.glob("*/result")), "no trial mid-training"
+    return driver, trials, workers
+
+
 @pytest.mark.slow
 def test_a_killed_trial_worker_resumes_to_the_record_of_its_clean_sibling(tmp_path: Path, monkeypatch,
                                                                           capsys) -> None:
     # Both trials train on the same schedule: the untouched one is the killed one's clean record.
     sweep = tiny_sweep(tmp_path, "killed", TWO, train={"epochs": 3, "save_every": 6},
                        resources={"cpus_per_worker": 1})
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "orchestrator.cli"]
-    driver = subprocess.Popen([*cmd, "run", str(sweep)], cwd=tmp_path, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    trials = tmp_path / "runs" / "killed" / "trials"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(trials.glob("*/step-*")):
-        time.sleep(0.2)
-    workers = _session_pids(driver.pid, "ImplicitFunc")
-    assert workers and not list(trials.glob("*/result")), "no trial mid-training to kill"
+    driver, _, workers = _run_until_a_checkpoint(tmp_path, sweep, "killed")
+    env, cmd = dict(os.environ, PYTHONPATH=str(REPO)), [sys.executable, "-m", "orchestrator.cli"]
     os.kill(workers[0], signal.SIGKILL)
     driver.wait(timeout=600)
     client, _, children = _runs(tmp_path, "killed")
@@ -227,16 +234,8 @@ def test_an_orphaned_trial_stops_with_a_checkpoint_and_resumes(tmp_path: Path) -
     from workers import checkpoints
 
     sweep = tiny_sweep(tmp_path, "orphan", ONE, train={"epochs": 3, "save_every": 6})
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "orchestrator.cli"]
-    driver = subprocess.Popen([*cmd, "run", str(sweep)], cwd=tmp_path, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    trials = tmp_path / "runs" / "orphan" / "trials"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(trials.glob("*/step-*")):
-        time.sleep(0.2)
-    workers = _session_pids(driver.pid, "ImplicitFunc")
-    assert workers and not list(trials.glob("*/result")), "no trial mid-training"
+    driver, trials, workers = _run_until_a_checkpoint(tmp_path, sweep, "orphan")
+    env, cmd = dict(os.environ, PYTHONPATH=str(REPO)), [sys.executable, "-m", "orchestrator.cli"]
     os.kill(driver.pid, signal.SIGKILL)  # the driver alone: its trial is an orphan
     driver.wait()
     killed = time.monotonic()

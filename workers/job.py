@@ -125,10 +125,11 @@ def _run(
 ) -> TrialResult:
     from workers.adapters.io import save_adapter
     from workers.adapters.registry import count_parameters, finalize, inject
-    from workers.data import build_train_data, data_root
+    from workers.data import build_train_data
     from workers.evaluate import evaluate
     from workers.model_loading import build_model, eight_bit_config, load_tokenizer
     from workers.run_inputs import trial_datasets
+    from workers.tasks import data_root
     from workers.train import Trainer, resolve_precision, seed_everything
 
     on_gpu = torch.cuda.is_available()

@@ -44,7 +44,8 @@ def file_digest(path: Path) -> str:
 
 def trial_datasets(spec: TrialSpec, stats: dict[str, Any]) -> list[DatasetRecord]:
     """The training set (sizes from `build_train_data`'s `stats`) and each evaluation set of `spec`."""
-    from workers.data import data_root, load_records, task_file
+    from workers.data import load_records
+    from workers.tasks import data_root, task_file
 
     root = data_root(spec.data.data_root)
     train = Path(stats["train_file"])
