@@ -13,6 +13,9 @@ UPGRADE ?=
 DRIFT_VENV ?= .venv-drift
 DRIFT ?= transformers peft torch
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# pytest-xdist processes for `make test`, one test file each at a time: the end-to-end tests mostly
+# wait on process start-up, so two share a 2-core machine well.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast lint venv lock drift clean
 
@@ -36,7 +39,7 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 # Everything but the end-to-end tests (DeepSpeed subprocesses, torchrun, Ray, servers, kill/resume).
 test-fast: venv

@@ -7,6 +7,7 @@ it with its report: the same records `adaptune run` writes, in about a minute on
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from test_driver import tiny_sweep
@@ -27,6 +28,8 @@ def sweep_file(folder: Path, name: str = "uisweep") -> Path:
 
 def build_store(folder: Path) -> str:
     """Run the small sweep into `folder/mlflow.db`; returns its tracking URI."""
+    from mlflow import MlflowClient
+
     from orchestrator.mlflow_sweep import finish_parent, start_parent
     from orchestrator.sweep import load_sweep
     from workers.job import run_trial
@@ -37,9 +40,22 @@ def build_store(folder: Path) -> str:
     sweep, points = load_sweep(file)
     uri = sweep.tracking.uri
     parent = start_parent(uri, sweep, file, points, resume=False)
-    for point in points:
-        tid = trial_id(point.spec)
-        tracker = MlflowTracker(uri, sweep.experiment, point.name, trial_id=tid, parent_run_id=parent)
-        run_trial(point.spec, tracker, folder / "runs" / "trials" / tid)
+    # Trials of 3 steps end within MLflow's sampling interval; a shorter one gives each run system metrics.
+    interval = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.5"
+    try:
+        for point in points:
+            tid = trial_id(point.spec)
+            tracker = MlflowTracker(uri, sweep.experiment, point.name, trial_id=tid, parent_run_id=parent)
+            run_trial(point.spec, tracker, folder / "runs" / "trials" / tid)
+    finally:
+        if interval is None:
+            del os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"]
+        else:
+            os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = interval
     finish_parent(uri, parent, failed=False, metric=sweep.search.metric, mode=sweep.search.mode)
+    client = MlflowClient(uri)
+    for run in client.search_runs([client.get_experiment_by_name(sweep.experiment).experiment_id]):
+        if run.info.run_id != parent:
+            assert "system/cpu_utilization_percentage" in run.data.metrics, f"{run.info.run_name}: no system metrics"
     return uri
