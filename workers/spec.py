@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from workers.adapters.config import CONFIGS, AdapterSpec
+from workers.adapters.config import AdapterSpec
 from workers.errors import ConfigError
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -158,10 +158,7 @@ _UNION_MEMBER = re.compile(r"(int|float|str|bool|none|(list|dict|literal|functio
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
-    # pydantic puts the discriminator value into the location (`adapter.lora.rank`): drop it.
     parts = [str(p) for p in loc]
-    if len(parts) >= 2 and parts[0] == "adapter" and parts[1] in CONFIGS:
-        parts.pop(1)
     return ".".join(part for i, part in enumerate(parts) if not (i and _UNION_MEMBER.fullmatch(part)))
 
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from workers import checkpoints
-from workers.adapters.registry import enable_gradient_checkpointing
+from workers.adapters.registry import enable_gradient_checkpointing, extra_loss
 from workers.compile import compile_decoder_layers, compile_enabled
 from workers.data import TrainData, collate, micro_batches, to_device
 from workers.errors import ConfigError
@@ -288,17 +288,14 @@ class Trainer:
         return deepspeed.zero.GatheredParameters([p for _, p in adapter_parameters(self.engine.module)])
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L = L_LM + the adapter method's extra loss (`AdapterMethod.extra_loss`), when it has one."""
         # The chunked loss reads the LM head's weight outside its forward: ZeRO-3 holds only a shard there.
         if self.spec.train.zero_stage == 3:
             loss = self.engine(**batch).loss
         else:
             loss = causal_lm_loss(self.engine, self.engine.module, batch)
-        adapter = self.spec.adapter
-        if adapter.type == "mosa" and adapter.consistency_weight > 0:
-            from workers.adapters.mosa import consistency_loss
-
-            loss = loss + adapter.consistency_weight * consistency_loss(self.engine.module, batch)
-        return loss
+        extra = extra_loss(self.engine.module, batch, self.spec.adapter)
+        return loss if extra is None else loss + extra
 
     def train(self, report: Report | None = None, should_stop: Callable[[], bool] | None = None) -> TrainOutcome:
         t = self.spec.train

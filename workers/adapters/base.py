@@ -1,9 +1,10 @@
-"""What every adapter method shares: its config base, the layer marker and the method protocol."""
+"""What every adapter method shares: its config base, the layer marker and the method protocol with its defaults."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -24,20 +25,46 @@ class AdapterLayer(nn.Module):
     base_layer_attr: ClassVar[str] = "base_layer"
 
 
-class AdapterMethod(Protocol):
-    """What the registry holds for each method."""
+class AdapterMethod(ABC):
+    """A method, as the registry holds it: its name, its config class and the hooks the trial calls.
 
-    name: str
-    config: type[AdapterConfig]
+    A method subclasses this and implements `inject`; every other hook has a default that suits a
+    method with nothing more to say (as PEFT's `BaseTuner`). In the order a trial calls them:
 
+    - `inject(model, layout, config)`: insert the method's layers (required);
+    - `enable_gradient_checkpointing(model)`: when `train.gradient_checkpointing` is on;
+    - `extra_loss(model, batch, config)`: each training micro-batch; the trainer minimises
+      L = L_LM + extra_loss (default: no extra term);
+    - `finalize(model, config)`: after training, before saving: put the adapter into the form it is
+      deployed in and return that form's config (default: unchanged, the same config);
+    - `state_dict(model)`: the tensors saved for (and loaded into) an adapter of this method
+      (default: `adapter_state_dict`, every adapter parameter and persistent adapter buffer).
+    """
+
+    name: ClassVar[str]
+    config: ClassVar[type[AdapterConfig]]
+
+    @abstractmethod
     def inject(self, model: PreTrainedModel, layout: FamilyLayout, config: AdapterConfig) -> list[nn.Module]:
         """Insert the method's layers into `model` in place; return the layers inserted."""
-        ...
 
-    # Optional: `finalize(model, config) -> AdapterConfig` puts a trained adapter into the form it is
-    # deployed in and returns that form's config (MoSA merges its parts). Without it, nothing changes.
-    # Optional: `enable_gradient_checkpointing(model)` checkpoints the decoder blocks the method's own
-    # way (prefix tuning keeps the cache). Without it, transformers' `activation_checkpointing_enable`.
+    def enable_gradient_checkpointing(self, model: PreTrainedModel) -> None:
+        """Recompute each decoder block in the backward: transformers' own checkpointing, non-reentrant."""
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    def extra_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], config: AdapterConfig
+    ) -> torch.Tensor | None:
+        """A training loss added to the LM loss of `batch`, weighted as it is to be added; None: none."""
+        return None
+
+    def finalize(self, model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+        """Put the trained adapter of `model` into its deployed form; returns the config of that form."""
+        return config
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The adapter's tensors by full name: what is saved, and what a load fills."""
+        return adapter_state_dict(model)
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:

@@ -11,9 +11,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    SerializationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from workers.placement.slots import SLOTS, SUBLAYERS, Slot
 
@@ -218,11 +228,51 @@ class MosaConfig(BottleneckOptions):
         return "-".join([*head, *tags])
 
 
-AdapterSpec = Annotated[
-    SeriesConfig | ParallelConfig | PrefixConfig | LoraConfig | MosaConfig,
-    Field(discriminator="type"),
-]
-# Method name -> its config class, from the union above.
+# Method name -> its config class: the built-in methods', and any `register_config` adds.
 CONFIGS: dict[str, type[AdapterConfig]] = {
-    cls.model_fields["type"].default: cls for cls in get_args(get_args(AdapterSpec)[0])
+    cls.model_fields["type"].default: cls
+    for cls in (SeriesConfig, ParallelConfig, PrefixConfig, LoraConfig, MosaConfig)
 }
+
+
+def register_config(cls: type[AdapterConfig]) -> None:
+    """Make `cls` the config of the method its `type` field's default names, in every spec from now on."""
+    name = cls.model_fields["type"].default
+    if not isinstance(name, str):
+        raise TypeError(f"{cls.__name__}.type needs a default: the method's name")
+    if CONFIGS.get(name, cls) is not cls:
+        raise ValueError(f"adapter type {name!r} already has a config: {CONFIGS[name].__name__}")
+    CONFIGS[name] = cls
+
+
+def _validate_adapter(value: Any) -> AdapterConfig:
+    """The config of `CONFIGS[value["type"]]`; an error as pydantic reports a discriminated union's."""
+    if isinstance(value, AdapterConfig):
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError("model_attributes_type",
+                                  "Input should be a valid dictionary or object to extract fields from")
+    if "type" not in value:
+        raise PydanticCustomError("union_tag_not_found", "Unable to extract tag using discriminator {discriminator}",
+                                  {"discriminator": "'type'"})
+    tag, tags = value["type"], ", ".join(repr(name) for name in CONFIGS)
+    if not isinstance(tag, str) or tag not in CONFIGS:
+        raise PydanticCustomError(
+            "union_tag_invalid",
+            "Input tag '{tag}' found using {discriminator} does not match any of the expected tags: {expected_tags}",
+            {"discriminator": "'type'", "tag": str(tag), "expected_tags": tags},
+        )
+    return CONFIGS[tag].model_validate(value)
+
+
+def _dump_adapter(value: AdapterConfig, info: SerializationInfo) -> dict[str, Any]:
+    return value.model_dump(mode=info.mode)
+
+
+# A field of this type takes any registered method's config, chosen by `type` (a discriminated union
+# over `CONFIGS`, open to `register_config`), and dumps the config it holds, every field of it.
+AdapterSpec = Annotated[
+    AdapterConfig,
+    PlainValidator(_validate_adapter),
+    PlainSerializer(_dump_adapter),
+]

@@ -1,9 +1,9 @@
 """Adapters on disk: `adapter_config.json` + `adapter.safetensors`, and LoRA in PEFT's format.
 
-Only adapter tensors are written (adapter parameters and persistent adapter buffers such as MoSA's
-masks, keyed by their path in the model), never the base model. Loading injects the adapter the
-config describes into a fresh base model, through the registry, and copies the tensors in strictly:
-every key, no extra one, every shape as injected.
+Only adapter tensors are written, those the method's `state_dict` hook names (by default every
+adapter parameter and persistent adapter buffer, keyed by its path in the model), never the base
+model. Loading injects the adapter the config describes into a fresh base model, through the
+registry, and copies the tensors in strictly: every key, no extra one, every shape as injected.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import workers
-from workers.adapters.base import adapter_state_dict
 from workers.adapters.config import AdapterConfig, AdapterSpec, LoraConfig
 from workers.adapters.lora import LoraLinear
-from workers.adapters.registry import inject
+from workers.adapters.registry import inject, state_dict
 from workers.errors import ConfigError
 from workers.placement import family_for
 
@@ -55,7 +54,7 @@ def save_adapter(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_cpu(adapter_state_dict(model)), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(_cpu(state_dict(model, config)), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     _write_json(out / CONFIG_FILE, {
         "adaptune_version": workers.__version__,
         "base_model": base_model,
@@ -86,7 +85,7 @@ def read_adapter_config(in_dir: str | Path) -> AdapterConfig:
         return TypeAdapter(AdapterSpec).validate_python(_read_meta(Path(in_dir))["adapter"])
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(["adapter", *(str(p) for p in err["loc"][1:])])
+        field = ".".join(["adapter", *(str(p) for p in err["loc"])])
         raise ConfigError(str(path), field, err["msg"].removeprefix("Value error, ")) from None
 
 
@@ -108,7 +107,7 @@ def load_adapter(model: nn.Module, in_dir: str | Path) -> AdapterConfig:
         inject(model, config)
     except ConfigError as exc:
         raise exc.located(str(folder / CONFIG_FILE)) from None
-    target = adapter_state_dict(model)
+    target = state_dict(model, config)
     missing, extra = sorted(set(target) - set(saved)), sorted(set(saved) - set(target))
     if missing or extra:
         raise ConfigError(

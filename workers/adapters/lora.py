@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from workers.adapters.base import AdapterLayer, linear_dims, replace_module
+from workers.adapters.base import AdapterLayer, AdapterMethod, linear_dims, replace_module
 from workers.adapters.config import LoraConfig
 from workers.errors import ConfigError
 from workers.placement import FamilyLayout, expand_sublayers, linear_targets
@@ -61,7 +61,7 @@ class LoraLinear(AdapterLayer):
         return y + self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))
 
 
-class _Lora:
+class _Lora(AdapterMethod):
     name = "lora"
     config = LoraConfig
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.adapters.base import replace_module
+from workers.adapters.base import AdapterMethod, replace_module
 from workers.adapters.bottleneck import Bottleneck, inject_parallel, inject_series
 from workers.adapters.config import AdapterConfig, MosaConfig
 from workers.placement import FamilyLayout
@@ -109,8 +109,8 @@ def consistency_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     """Mean symmetric KL between the next-token distributions of two training forwards of `batch`.
 
     Each forward draws its own parts. Averaged over the positions the LM loss scores (labels other
-    than -100, shifted), or over all positions when the batch has no labels. Unweighted: the
-    trainer multiplies it by `consistency_weight`.
+    than -100, shifted), or over all positions when the batch has no labels. Unweighted: `extra_loss`
+    multiplies it by `consistency_weight`.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     first, second = model(**inputs).logits, model(**inputs).logits
@@ -121,7 +121,7 @@ def consistency_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     return symmetric_kl(first[:, :-1], second[:, :-1])[scored].mean()
 
 
-class _Mosa:
+class _Mosa(AdapterMethod):
     name = "mosa"
     config = MosaConfig
 
@@ -131,6 +131,14 @@ class _Mosa:
         if config.base == "series":
             return inject_series(model, layout, config, make)
         return inject_parallel(model, layout, config, make)
+
+    def extra_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], config: MosaConfig
+    ) -> torch.Tensor | None:
+        """The weighted consistency term λ · ½ (KL(p‖q) + KL(q‖p)) (`consistency_loss`); None when λ = 0."""
+        if config.consistency_weight == 0:
+            return None
+        return config.consistency_weight * consistency_loss(model, batch)
 
     def finalize(self, model: nn.Module, config: MosaConfig) -> AdapterConfig:
         """Merge the parts: what remains is the dense series or parallel adapter `config.dense()` names."""

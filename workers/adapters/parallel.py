@@ -13,12 +13,13 @@ from functools import partial
 
 from torch import nn
 
+from workers.adapters.base import AdapterMethod
 from workers.adapters.bottleneck import Bottleneck, inject_parallel
 from workers.adapters.config import ParallelConfig
 from workers.placement import FamilyLayout
 
 
-class _Parallel:
+class _Parallel(AdapterMethod):
     name = "parallel"
     config = ParallelConfig
 

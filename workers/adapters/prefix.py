@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
-from workers.adapters.base import AdapterLayer
+from workers.adapters.base import AdapterLayer, AdapterMethod
 from workers.adapters.config import PrefixConfig
 from workers.placement import FamilyLayout, family_for
 
@@ -191,7 +191,7 @@ class CheckpointedForward:
         return self.forward(*args, **kwargs)
 
 
-class _Prefix:
+class _Prefix(AdapterMethod):
     name = "prefix"
     config = PrefixConfig
 

@@ -14,12 +14,13 @@ from functools import partial
 
 from torch import nn
 
+from workers.adapters.base import AdapterMethod
 from workers.adapters.bottleneck import Bottleneck, inject_series
 from workers.adapters.config import SeriesConfig
 from workers.placement import FamilyLayout
 
 
-class _Series:
+class _Series(AdapterMethod):
     name = "series"
     config = SeriesConfig
 
