@@ -107,7 +107,9 @@ def expected_trainable(family: str, method: str, placement: list[str], b: int = 
 # --- every method x family x placement ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("method", "family", "placement"), cases())
-def test_only_the_adapter_trains_and_its_size_is_the_closed_form(method, family, placement) -> None:
+def test_its_size_is_the_closed_form_and_every_site_learns(method, family, placement) -> None:
+    """Per placement: the sites it names, each in the computation. That only the adapter trains is
+    every method's contract, on every family: test_adapters.py."""
     model = tiny_model(family)
     base = sum(p.numel() for p in model.parameters())
     inject(model, adapter(**METHODS[method], placement=placement, bottleneck=B))
@@ -115,10 +117,7 @@ def test_only_the_adapter_trains_and_its_size_is_the_closed_form(method, family,
     assert (counts.trainable, counts.base) == (expected_trainable(family, method, placement), base)
 
     model(IDS).logits.square().mean().backward()
-    ours = {n for n, _ in adapter_parameters(model)}
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == ours
-    assert {n for n, p in model.named_parameters() if p.grad is not None} == ours
-    assert all(p.grad.abs().sum() > 0 for _, p in adapter_parameters(model))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in adapter_parameters(model))
 
 
 @pytest.mark.parametrize(("method", "family", "placement"), cases())
@@ -376,6 +375,11 @@ def test_short_names() -> None:
     assert placement_tag(["down", "q", "mlp", "attn"]) == "attn-mlp-qd"
 
 
+def test_series_presets_stand_for_their_placements() -> None:
+    assert adapter(type="series", preset="houlsby", bottleneck=8).placement == ["attn", "mlp"]
+    assert adapter(type="series", preset="pfeiffer", bottleneck=8).placement == ["mlp"]
+
+
 # --- bad input ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
@@ -393,6 +397,8 @@ def test_short_names() -> None:
         (dict(type="parallel", placement=["up", "down"], form="sublayer", bottleneck=8), "adapter", "linear form"),
         (dict(type="mosa", placement=["mlp"], bottleneck=8, parts=1), "adapter.parts", "greater than or equal to 2"),
         (dict(type="mosa", placement=["mlp"], bottleneck=8, residual=False), "adapter.residual", "does not take"),
+        (dict(type="series", placement=["mlp", "mlp"], bottleneck=8), "adapter", "names a slot twice"),
+        (dict(type="series", placement=["mlp"], bottleneck=8, activation="swish"), "adapter.activation", "'tanh'"),
     ],
 )
 def test_bad_configs_fail_at_the_door(fields, field, needle) -> None:

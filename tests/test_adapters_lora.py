@@ -1,4 +1,4 @@
-"""LoRA on every model family: the formula, counts, identity at init, merge, scaling, and bad sizes."""
+"""LoRA on every model family: the formula, counts, its init, merge, scaling, and bad sizes."""
 
 from __future__ import annotations
 
@@ -82,17 +82,14 @@ def test_counts_are_r_times_in_plus_out_per_wrapped_linear(name: str, family: st
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fresh_lora_is_the_identity_and_only_lora_trains(family: str) -> None:
-    base = tiny_model(family)
+def test_only_b_learns_while_b_is_zero(family: str) -> None:
+    """Identity at init and only-the-adapter-trains are the contract of every method: test_adapters.py."""
     model = tiny_model(family)
     inject(model, lora(["attn", "mlp"], dropout=0.05))
-    assert torch.equal(model(IDS).logits, base(IDS).logits)  # eval: no dropout; B = 0
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in adapter_parameters(model)}
-    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    names = {n for n, _ in adapter_parameters(model)}
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     model.train()
     model(IDS, labels=IDS).loss.backward()
-    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
     # While B = 0, dL/dA = s B^T (...) = 0: only B learns on the first step.
     assert all(p.grad.abs().sum() > 0 for n, p in adapter_parameters(model) if ".lora_B." in n)
     assert all(p.grad.abs().sum() == 0 for n, p in adapter_parameters(model) if ".lora_A." in n)

@@ -11,6 +11,8 @@ from torch import nn
 from workers.adapters.base import adapter_parameters
 from workers.adapters.config import PrefixConfig
 from workers.adapters.registry import count_parameters, enable_gradient_checkpointing, inject
+from workers.errors import ConfigError
+from workers.evaluate import generate_greedy
 from workers.model_loading import build_model
 from workers.placement import family_for
 from workers.spec import parse_trial_spec
@@ -68,6 +70,20 @@ def test_llama_7b_prefix_10_has_the_papers_count(model_configs) -> None:
 def test_short_names() -> None:
     assert prefix(virtual_tokens=10).short_name() == "prefix-v10"
     assert prefix(virtual_tokens=10, reparametrize=True).short_name() == "prefix-v10-mlp"
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        (dict(placement=["attn"]), "adapter.placement"),
+        (dict(virtual_tokens=0), "adapter.virtual_tokens"),
+        (dict(prefix_hidden=0), "adapter.prefix_hidden"),
+    ],
+)
+def test_bad_fields_fail_at_the_door(fields: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        prefix(**fields)
+    assert err.value.field == field
 
 
 def _layer_table(cache, n: int) -> torch.Tensor:
@@ -148,20 +164,6 @@ def test_reparametrized_prefix_is_the_table_its_mlp_produces(family: str) -> Non
     with torch.no_grad():
         table.copy_(encoder.mlp(encoder.embedding))
     torch.testing.assert_close(mlp_model(IDS).logits, table_model(IDS).logits, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("family", PREFIX_FAMILIES)
-def test_prefix_changes_the_output_and_only_it_trains(family: str) -> None:
-    base = tiny_model(family)
-    model = no_dropout(prefixed(family)).train()
-    out = model(IDS, labels=IDS)
-    assert torch.isfinite(out.logits).all()
-    assert not torch.allclose(out.logits, base(IDS).logits, atol=1e-3)
-    out.loss.backward()
-    trained = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert trained == {n for n, _ in adapter_parameters(model)} == {n for n, p in model.named_parameters()
-                                                                    if p.requires_grad}
-    assert all(p.grad.abs().sum() > 0 for _, p in adapter_parameters(model))
 
 
 @pytest.mark.parametrize("family", PREFIX_FAMILIES)
@@ -246,6 +248,8 @@ def test_generate_with_cache_equals_without_greedy_and_beam(family: str, byte_to
     beam = dict(greedy, max_new_tokens=4, num_beams=2)
     beams = [model.generate(**batch, use_cache=use_cache, **beam) for use_cache in (True, False)]
     assert torch.equal(*beams)
+    ours, _ = generate_greedy(model, byte_tok, prompts, 8, batch_size=2)  # the evaluation's own loop
+    assert ours == cached[:, batch["input_ids"].shape[1]:].tolist()
 
 
 # BLOOM (ALiBi from a 2-D mask) and GPT-J do not compute packed rows right even without a prefix
