@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import http.server
 import sqlite3
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from services import free_port
 
 from workers.errors import ConfigError
-from workers.store_check import check_tracking_store
+from workers.store_check import check_tracking_store, tls_context
 
 SEARCH = "/api/2.0/mlflow/experiments/search"
 
@@ -109,3 +110,10 @@ def test_a_server_that_is_not_mlflow_is_named_as_such(server) -> None:
     address, _ = server
     with pytest.raises(ConfigError, match=r"answered 404 .* MLflow tracking server"):
         check_tracking_store(f"http://{address}/not-mlflow")
+
+
+def test_tls_is_set_up_as_mlflows_client_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tls_context().verify_mode == ssl.CERT_REQUIRED
+    monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+    context = tls_context()
+    assert context.verify_mode == ssl.CERT_NONE and not context.check_hostname

@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import sqlite3
+import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -97,10 +98,23 @@ def _server_request(uri: str) -> urllib.request.Request:
     return urllib.request.Request(url, headers=headers)
 
 
+def tls_context() -> ssl.SSLContext:
+    """TLS as MLflow's client sets it up: MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH
+    (a CA bundle) and MLFLOW_TRACKING_CLIENT_CERT_PATH (a client certificate with its key)."""
+    context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true"):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if client := os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH"):
+        context.load_cert_chain(client)
+    return context
+
+
 def _check_server(uri: str, timeout_s: float) -> None:
     shown = redact_value(uri)
+    context = tls_context() if scheme(uri) == "https" else None
     try:
-        with urllib.request.urlopen(_server_request(uri), timeout=timeout_s) as response:
+        with urllib.request.urlopen(_server_request(uri), timeout=timeout_s, context=context) as response:
             status, body = response.status, ""
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read(4096).decode("utf-8", "replace")
