@@ -39,15 +39,19 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-logo --cache-dir .cache/import-linter
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 # Everything but the end-to-end tests (DeepSpeed subprocesses, torchrun, Ray, servers, kill/resume).
 test-fast: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-logo --cache-dir .cache/import-linter
 	$(BIN)/python -m pytest -q -m "not slow" --durations=5 tests
 
+# Style (ruff) and layering: the import contracts of pyproject.toml's [tool.importlinter].
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-logo --cache-dir .cache/import-linter
 
 # Re-resolve requirements.lock from pyproject.toml, keeping every current pin that still fits.
 lock:

@@ -78,10 +78,12 @@ def loop(sweep_file: Path, uri: str, work: Path) -> None:
 def runs(uri: str) -> list[Any]:
     from mlflow import MlflowClient
 
+    from workers.names import PARENT_TAG, SWEEP_TAG
+
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("bench")
     found = client.search_runs([exp.experiment_id], max_results=1000)
-    return [r for r in found if "mlflow.parentRunId" in r.data.tags or "adaptune.sweep" not in r.data.tags]
+    return [r for r in found if PARENT_TAG in r.data.tags or SWEEP_TAG not in r.data.tags]
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:

@@ -153,6 +153,7 @@ def run_ours(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     """Our worker's tokens/s and peak memory, and the wall-clock end of every optimizer step (`step_ends`)."""
     import workers.compile
     from workers.job import run_trial
+    from workers.names import PEAK_MEMORY_GB, TRAINABLE_PARAMS
     from workers.spec import parse_trial_spec
     from workers.tracking import MemoryTracker, TrialStatus
 
@@ -185,8 +186,8 @@ def run_ours(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         if result.status != TrialStatus.SUCCEEDED:
             raise RuntimeError(f"{variant}: {result.status}: {result.error}")
     rates = [w["tokens_per_s"] for w in windows[args.warmup:]]
-    return {"tokens_per_s": statistics.median(rates), "peak_memory_bytes": int(windows[-1]["peak_memory_gb"] * 2**30),
-            "trainable_params": int(result.metrics["trainable_params"]),
+    return {"tokens_per_s": statistics.median(rates), "peak_memory_bytes": int(windows[-1][PEAK_MEMORY_GB] * 2**30),
+            "trainable_params": int(result.metrics[TRAINABLE_PARAMS]),
             "base_params": sum(p.numel() for p in _meta_model(args.shape).parameters()),
             "first_step_s": args.batch_size * args.seq / windows[0]["tokens_per_s"],
             "step_ends": [w["end"] for w in windows], "tokens_per_step": args.batch_size * args.seq}

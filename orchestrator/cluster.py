@@ -5,11 +5,11 @@ seconds, where it would otherwise hang (`ray.init` on an address that does not a
 minutes) or fail once per trial. The driver calls, in this order:
 
     check_address(address)             # before ray.init(address=...)
-    check_tracking(tracking_uri)       # from the driver's machine
     ray.init(address=...)
     tune_driver.check_nodes(storage, tracking_uri)  # `probe_node` on every alive node, through Ray
 
-Nothing here imports Ray: `probe_node` is what Ray runs on each node.
+The tracking store is checked from the driver's machine by the command, before any of these
+(`workers.store_check`). Nothing here imports Ray: `probe_node` is what Ray runs on each node.
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
 
 from workers.errors import ConfigError
-from workers.tracking import check_tracking_uri, redact_value
+from workers.store_check import check_tracking_store, scheme
 
-DATABASE_SCHEMES = frozenset({"postgresql", "mysql", "mssql"})
 _LOCAL_ADDRESSES = frozenset({"", "auto", "local"})
 
 
@@ -84,80 +82,6 @@ def check_address(address: str | None, timeout_s: float = 20.0) -> None:
     raise ConfigError(None, "--address", f"the Ray cluster at {address} cannot be used: {last}")
 
 
-# --- MLflow ------------------------------------------------------------------------------------
-
-def _scheme(uri: str) -> str:
-    return urlparse(uri).scheme.split("+", 1)[0].lower()
-
-
-def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
-    """The tracking store at `uri` answers and accepts this process's credentials.
-
-    MLflow servers (http, https) get one authenticated API call; databases one connection;
-    anything else goes to `workers.tracking.check_tracking_uri` (sqlite: a writable folder).
-    """
-    scheme = _scheme(uri)
-    if scheme in ("http", "https"):
-        _check_server(uri, timeout_s)
-    elif scheme in DATABASE_SCHEMES:
-        _check_database(uri, timeout_s)
-    else:
-        check_tracking_uri(uri)
-
-
-def _check_server(uri: str, timeout_s: float) -> None:
-    import requests
-
-    shown = redact_value(uri)
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    try:
-        response = requests.get(
-            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
-            params={"max_results": 1},
-            auth=(user, password) if user and password else None,
-            headers={"Authorization": f"Bearer {token}"} if token else None,
-            timeout=timeout_s,
-        )
-    except requests.Timeout:
-        raise ConfigError(None, "tracking.uri", f"{shown} did not answer within {timeout_s:.0f} s") from None
-    except requests.RequestException as exc:
-        raise ConfigError(None, "tracking.uri", f"{shown} does not answer ({type(exc).__name__})") from None
-    if response.status_code == 401:
-        raise ConfigError(None, "tracking.uri", f"{shown} rejects the credentials: set MLFLOW_TRACKING_USERNAME "
-                                                f"and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
-    if response.status_code == 403 and "Host header" in response.text:
-        raise ConfigError(None, "tracking.uri", f"{shown} refuses the host name {urlparse(uri).netloc}: add it to "
-                                                f"the server's --allowed-hosts")
-    if response.status_code == 403:
-        raise ConfigError(None, "tracking.uri", f"{shown} forbids this user to read experiments")
-    if response.status_code != 200:
-        raise ConfigError(None, "tracking.uri", f"{shown} answered {response.status_code} to an MLflow API call: "
-                                                f"is it an MLflow tracking server?")
-
-
-def _check_database(uri: str, timeout_s: float) -> None:
-    import sqlalchemy
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
-
-    shown = redact_value(uri)
-    try:
-        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": max(1, int(timeout_s))})
-    except (ArgumentError, NoSuchModuleError, ImportError) as exc:
-        raise ConfigError(None, "tracking.uri", f"{shown}: cannot use this database URI ({exc}); the PostgreSQL "
-                                                f"driver comes with `pip install 'adaptune[cluster]'`") from None
-    try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT 1"))
-    except OperationalError as exc:
-        detail = str(exc.orig or exc).strip().splitlines()[0]
-        if re.search(r"password authentication failed|access denied|authentication failed", detail, re.I):
-            raise ConfigError(None, "tracking.uri", f"{shown} rejects the credentials: {detail}") from None
-        raise ConfigError(None, "tracking.uri", f"{shown} does not answer: {detail}") from None
-    finally:
-        engine.dispose()
-
-
 # --- every node --------------------------------------------------------------------------------
 
 def is_uri(storage: str) -> bool:
@@ -182,7 +106,7 @@ def probe_node(storage: str | None, marker: str | None, tracking_uri: str, where
             problems.append(("storage", f"{where}: {storage} is not the driver's folder (another disk): "
                                         f"mount the shared volume there"))
     try:
-        check_tracking(tracking_uri)
+        check_tracking_store(tracking_uri)
     except ConfigError as exc:
         problems.append(("tracking.uri", f"{where}: {exc.message}"))
     return problems
@@ -190,4 +114,4 @@ def probe_node(storage: str | None, marker: str | None, tracking_uri: str, where
 
 def single_machine_uri(tracking_uri: str) -> bool:
     """A tracking store that is a file on one machine (SQLite, a file store): refused on a multi-machine cluster."""
-    return _scheme(tracking_uri) in ("sqlite", "file", "")
+    return scheme(tracking_uri) in ("sqlite", "file", "")

@@ -14,7 +14,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Mapping
 
-from workers.tracking import is_secret_key
+from workers.redaction import is_secret_key
 
 # Variables kept by name, and by prefix (minus any whose name says it is a secret: HF_TOKEN, ...).
 ALLOWED_NAMES = frozenset({

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-HEARTBEAT = "driver.heartbeat"
 INTERVAL_S = 2.0
 STALE_S = 10.0
 

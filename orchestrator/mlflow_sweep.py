@@ -17,13 +17,28 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from orchestrator.mlflow_views import save_runs_view
 from orchestrator.report import Trial, collect, write_csv, write_report
 from orchestrator.sweep import Point, SweepSpec
+from workers.names import (
+    ADAPTER_TAG,
+    CPU_HOURS,
+    GIT_SHA_TAG,
+    GPU_HOURS,
+    MACRO_ACCURACY,
+    PARENT_TAG,
+    PREDICTIONS_ARTIFACT,
+    REPORT_ARTIFACT,
+    STATUS_TAG,
+    SUMMARY_CSV,
+    SWEEP_TAG,
+    TRAINABLE_PARAMS,
+)
 from workers.provenance import git_sha
-from workers.tracking import PARENT_TAG, STATUS_TAG, experiment_id, mlflow_client, redact
+from workers.redaction import redact
+from workers.tracking import experiment_id, mlflow_client
 
-SWEEP_TAG = "adaptune.sweep"
-COSTS = ("gpu_hours", "cpu_hours", "tokens_trained")
+COSTS = (GPU_HOURS, CPU_HOURS, "tokens_trained")
 
 
 class MlflowTrials:
@@ -37,7 +52,7 @@ class MlflowTrials:
         runs = sorted(child_runs(self.client, self.parent), key=lambda run: run.info.start_time)
         return [Trial(run.info.run_id, run.info.run_name, run.data.tags.get(STATUS_TAG, run.info.status),
                       dict(run.data.params), dict(run.data.metrics),
-                      run.data.tags.get("adaptune.adapter", run.info.run_name))
+                      run.data.tags.get(ADAPTER_TAG, run.info.run_name))
                 for run in runs]
 
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -46,7 +61,7 @@ class MlflowTrials:
     def predictions(self, run_id: str, folder: Path) -> Path:
         # One progress bar per small download would bury the report's table.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        return Path(self.client.download_artifacts(run_id, "predictions", str(folder)))
+        return Path(self.client.download_artifacts(run_id, PREDICTIONS_ARTIFACT, str(folder)))
 
 
 def find_parent(client: MlflowClient, experiment: str, name: str) -> Run | None:
@@ -72,10 +87,8 @@ def start_parent(uri: str, sweep: SweepSpec, file: Path, points: Sequence[Point]
             client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id
     exp_id = experiment_id(client, sweep.experiment, uri)
-    from orchestrator.mlflow_views import save_runs_view  # here: that module reads this one's SWEEP_TAG
-
     save_runs_view(client, exp_id, sweep.search.metric)
-    run = client.create_run(exp_id, run_name=sweep.name, tags={SWEEP_TAG: sweep.name, "adaptune.git_sha": git_sha()})
+    run = client.create_run(exp_id, run_name=sweep.name, tags={SWEEP_TAG: sweep.name, GIT_SHA_TAG: git_sha()})
     run_id = run.info.run_id
     client.log_param(run_id, "trials", str(len(points)) if points else f"optuna x {sweep.search.num_samples}")
     client.log_param(run_id, "search", sweep.search.algorithm)
@@ -110,7 +123,7 @@ def sweep_status(uri: str, experiment: str, name: str) -> tuple[str, list[dict[s
     return None if parent is None else (parent.info.status, summary_rows(client, parent))
 
 
-def build_report(uri: str, parent_id: str, out_dir: Path, *, metric: str = "accuracy/macro",
+def build_report(uri: str, parent_id: str, out_dir: Path, *, metric: str = MACRO_ACCURACY,
                  mode: str = "max") -> Path:
     """Write the sweep's report into `out_dir` from its MLflow store; returns the report.md path."""
     return write_report(collect(MlflowTrials(uri, parent_id), metric=metric, mode=mode), Path(out_dir))
@@ -142,7 +155,7 @@ def summary_rows(client: MlflowClient, parent: Run) -> list[dict[str, Any]]:
             "rank": p.get("adapter.rank", ""),
             "virtual_tokens": p.get("adapter.virtual_tokens", ""),
             "seed": p.get("seed", ""),
-            "trainable_params": p.get("trainable_params", ""),
+            TRAINABLE_PARAMS: p.get(TRAINABLE_PARAMS, ""),
             **{k: round(v, 6) for k, v in sorted(m.items())},
         })
     return sorted(rows, key=lambda r: r["trial"])
@@ -165,7 +178,7 @@ def trial_counts(statuses: Iterable[str]) -> dict[str, int]:
 
 
 def finish_parent(
-    uri: str, parent_id: str, *, failed: bool, metric: str = "accuracy/macro", mode: str = "max"
+    uri: str, parent_id: str, *, failed: bool, metric: str = MACRO_ACCURACY, mode: str = "max"
 ) -> list[dict[str, Any]]:
     """Close stragglers, log the summary table, the cost totals and the report on the parent run."""
     client = mlflow_client(uri)
@@ -179,9 +192,9 @@ def finish_parent(
         client.log_metric(parent_id, name, count)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        write_csv(rows, folder / "summary.csv")
+        write_csv(rows, folder / SUMMARY_CSV)
         if rows:
             build_report(uri, parent_id, folder, metric=metric, mode=mode)
-        client.log_artifacts(parent_id, str(folder), artifact_path="report")
+        client.log_artifacts(parent_id, str(folder), artifact_path=REPORT_ARTIFACT)
     client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
     return rows

@@ -15,14 +15,21 @@ from urllib.parse import quote
 
 from mlflow import MlflowClient
 
-from orchestrator.mlflow_sweep import SWEEP_TAG
-from workers.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, PARENT_TAG
+from workers.names import (
+    CPU_HOURS,
+    EXPERIMENT_KIND_TAG,
+    GPU_HOURS,
+    MODEL_TRAINING,
+    PARENT_TAG,
+    SWEEP_TAG,
+    TRAINABLE_PARAMS,
+)
 
 VIEW_KEY = "adaptune"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 # The runs table's columns, in order: what the trial is, how well it did, what it cost.
 PARAM_COLUMNS = ("adapter.type", "adapter.placement")
-METRIC_COLUMNS = ("trainable_params", "gpu_hours", "cpu_hours")
+METRIC_COLUMNS = (TRAINABLE_PARAMS, GPU_HOURS, CPU_HOURS)
 
 
 def _column(kind: str, key: str) -> str:

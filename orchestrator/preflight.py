@@ -8,10 +8,8 @@ and adapter configs are plain data. Nothing is written.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,6 @@ from workers.placement import FAMILIES, FamilyLayout, expand_sublayers, resolve_
 from workers.placement.slots import SUBLAYER_BOUNDS, SUBLAYERS
 from workers.spec import TrialSpec
 from workers.tasks import data_root, is_custom, normalise, task, task_file, task_of_answers, train_file
-from workers.tracking import redact_value
 
 Where = Callable[[str], str]
 TRAIN_FIELDS = ("instruction", "output")
@@ -265,22 +262,3 @@ def check_sweep(sweep: SweepSpec, points: Sequence[Point], file: str, *, trainin
         except ConfigError as exc:
             raise ConfigError(file, field_in_file(sweep, point.branch, exc.field or ""), exc.message) from None
 
-
-def check_store(uri: str, field: str = "tracking.uri") -> None:
-    """An existing SQLite store must be an MLflow database (checked read-only); other stores pass here."""
-    if not uri.startswith("sqlite:///"):
-        return
-    db = Path(uri.removeprefix("sqlite:///")).expanduser()
-    if not db.is_file() or db.stat().st_size == 0:
-        return
-    shown = redact_value(uri)
-    with db.open("rb") as f:
-        if f.read(16) != b"SQLite format 3\x00":
-            raise ConfigError(None, field, f"{shown}: {db} is not an SQLite database")
-    try:
-        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
-            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.DatabaseError as exc:
-        raise ConfigError(None, field, f"{shown}: {db} cannot be read as a database: {exc}") from None
-    if tables and not {"alembic_version", "experiments", "runs"} <= tables:
-        raise ConfigError(None, field, f"{shown}: {db} is an SQLite database but not an MLflow store")

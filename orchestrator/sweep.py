@@ -30,8 +30,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workers.errors import ConfigError
+from workers.names import MACRO_ACCURACY
+from workers.redaction import redact
 from workers.spec import SafeName, TrialSpec, config_error_from, read_yaml
-from workers.tracking import redact
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 
@@ -43,7 +44,7 @@ class _Section(BaseModel):
 class SearchSpec(_Section):
     algorithm: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = Field(1, gt=0, description="points drawn per branch (random) or in all (optuna)")
-    metric: str = "accuracy/macro"
+    metric: str = MACRO_ACCURACY
     mode: Literal["max", "min"] = "max"
     seed: int = 0
 
@@ -294,7 +295,7 @@ def representatives(sweep: SweepSpec, file: str = "<sweep>") -> list[Point]:
 
 
 def redacted_text(path: str | Path) -> str:
-    """The text of a sweep file less its secrets (`workers.tracking.redact`): what adaptune may copy or log."""
+    """The text of a sweep file less its secrets (`workers.redaction.redact`): what adaptune may copy or log."""
     text = Path(path).read_text()
     raw = yaml.safe_load(text)
     clean = redact(raw)

@@ -31,13 +31,24 @@ from rich.live import Live
 from rich.table import Table
 
 from orchestrator import mlflow_sweep
-from orchestrator.cluster import check_address, check_tracking, is_uri, probe_node, single_machine_uri
+from orchestrator.cluster import check_address, is_uri, probe_node, single_machine_uri
 from orchestrator.environment import cluster_environment, environment, without_secrets
-from orchestrator.heartbeat import HEARTBEAT, Heartbeat, driver_gone
+from orchestrator.heartbeat import Heartbeat, driver_gone
 from orchestrator.sweep import Point, SweepSpec, experiment_dir, optuna_space, point_from_optuna, redacted_text
 from workers.errors import ConfigError, TrialFailed
+from workers.names import (
+    BRANCH_TAG,
+    HEARTBEAT,
+    MACRO_ACCURACY,
+    SPOOL,
+    SUMMARY_FILE,
+    SWEEP_FILE,
+    TRAIN_LOSS,
+    VAL_LOSS,
+)
+from workers.redaction import redact, redact_text
 from workers.spec import trial_id
-from workers.tracking import SPOOL, MemoryTracker, MlflowTracker, TrialStatus, redact, redact_text
+from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus
 
 
 @dataclass(frozen=True)
@@ -70,7 +81,7 @@ def _final_metrics(summary: Path) -> dict[str, float]:
 
 def _tracker(ctx: Context, point: Point, tid: str) -> MlflowTracker:
     return MlflowTracker(ctx.tracking_uri, ctx.experiment, point.name, trial_id=tid,
-                         parent_run_id=ctx.parent_run_id, tags={"adaptune.branch": str(point.branch)},
+                         parent_run_id=ctx.parent_run_id, tags={BRANCH_TAG: str(point.branch)},
                          spool_dir=Path(ctx.root) / "trials" / tid / SPOOL, max_outage_s=ctx.max_outage_s)
 
 
@@ -119,7 +130,7 @@ def trial_function(config: dict[str, Any], ctx: Context) -> None:
     point = _point(config, ctx)
     tid = trial_id(point.spec)
     folder = Path(ctx.root) / "trials" / tid
-    summary = folder / "result" / "summary.json"
+    summary = folder / "result" / SUMMARY_FILE
     if summary.is_file():
         tune.report(_final_metrics(summary))
         return
@@ -194,12 +205,12 @@ class ProgressTable(tune.Callback):
             elapsed = time.monotonic() - self.started.get(trial.trial_id, time.monotonic())
             if 0 < step < total:
                 fields["eta"] = f"{elapsed / step * (total - step):.0f} s"
-        if "train_loss" in result:
-            fields["loss"] = f"{result['train_loss']:.4f}"
-        if "val_loss" in result:
-            fields["val"] = f"{result['val_loss']:.4f}"
-        if "accuracy/macro" in result:
-            fields["acc"] = f"{result['accuracy/macro']:.2%}"
+        if TRAIN_LOSS in result:
+            fields["loss"] = f"{result[TRAIN_LOSS]:.4f}"
+        if VAL_LOSS in result:
+            fields["val"] = f"{result[VAL_LOSS]:.4f}"
+        if MACRO_ACCURACY in result:
+            fields["acc"] = f"{result[MACRO_ACCURACY]:.2%}"
             fields["eta"] = ""
         self._update(trial, **fields)
 
@@ -374,9 +385,8 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     root = experiment_dir(sweep)
     root.mkdir(parents=True, exist_ok=True)
     if not resume:
-        (root / "sweep.yaml").write_text(redacted_text(file))
-    uri = sweep.tracking.uri
-    check_tracking(uri)
+        (root / SWEEP_FILE).write_text(redacted_text(file))
+    uri = sweep.tracking.uri  # checked by the command before it called here (`workers.store_check`)
     address = cluster_address(address)
     if address and not ray.is_initialized():
         check_address(address)

@@ -30,8 +30,9 @@ from services import (
 )
 from tiny_models import TINY_CONFIGS
 
-from orchestrator.cluster import check_address, check_tracking
+from orchestrator.cluster import check_address
 from workers.errors import ConfigError
+from workers.store_check import check_tracking_store
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "adaptune-test-token-0123456789abcdef"
@@ -97,13 +98,13 @@ def test_mlflow_on_postgres_keeps_runs_metrics_and_artifacts(pg: Postgres, mlflo
 
 @pytest.mark.slow
 def test_tracking_check_accepts_the_real_server_and_database(pg: Postgres, mlflow_url: str) -> None:
-    check_tracking(mlflow_url)
-    check_tracking(pg.uri())
+    check_tracking_store(mlflow_url)
+    check_tracking_store(pg.uri())
 
 
 @pytest.mark.slow
 def test_a_database_with_the_wrong_password_is_refused_without_echoing_it(pg: Postgres) -> None:
-    error = raises_fast(check_tracking, pg.uri(password="not-the-password"))
+    error = raises_fast(check_tracking_store, pg.uri(password="not-the-password"))
     assert error.field == "tracking.uri" and "rejects the credentials" in error.message
     assert "not-the-password" not in str(error) and "***@127.0.0.1" in str(error)
 
@@ -112,7 +113,7 @@ def test_a_database_with_the_wrong_password_is_refused_without_echoing_it(pg: Po
 def test_a_tracking_store_that_refuses_connections_fails_fast(scheme: str) -> None:
     uri = f"{scheme}://adaptune:secret@127.0.0.1:{free_port()}/mlflow" if scheme == "postgresql" \
         else f"http://127.0.0.1:{free_port()}"
-    error = raises_fast(check_tracking, uri)
+    error = raises_fast(check_tracking_store, uri)
     assert error.field == "tracking.uri" and "does not answer" in error.message
     assert "secret" not in str(error)
 
@@ -124,7 +125,7 @@ def test_a_server_that_is_not_mlflow_is_named_as_such(tmp_path: Path) -> None:
         deadline = time.monotonic() + 20
         while socket.socket().connect_ex(("127.0.0.1", port)) != 0 and time.monotonic() < deadline:
             time.sleep(0.1)
-        error = raises_fast(check_tracking, f"http://127.0.0.1:{port}")
+        error = raises_fast(check_tracking_store, f"http://127.0.0.1:{port}")
         assert "answered 404" in error.message and "MLflow tracking server" in error.message
     finally:
         server.kill()

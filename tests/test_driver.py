@@ -15,8 +15,9 @@ import yaml
 from clirunner import run_cli
 from mlflow import MlflowClient
 
-from orchestrator.mlflow_sweep import SWEEP_TAG, child_runs, find_parent
+from orchestrator.mlflow_sweep import child_runs, find_parent
 from orchestrator.sweep import load_sweep
+from workers.names import SWEEP_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,8 +21,9 @@ from mlflow import MlflowClient
 from test_driver import _runs, tiny_sweep
 
 from workers.job import run_trial
+from workers.names import ERROR_TAG, STATUS_TAG
 from workers.spec import parse_trial_spec
-from workers.tracking import ERROR_TAG, STATUS_TAG, MlflowTracker, TrialStatus
+from workers.tracking import MlflowTracker, TrialStatus
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_STATES = "mp_rank_00_model_states.pt"

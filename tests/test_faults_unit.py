@@ -142,7 +142,8 @@ def test_a_new_attempt_clears_the_tags_of_the_last_ones_end(store: str) -> None:
     from mlflow import MlflowClient
 
     from orchestrator.mlflow_sweep import close_stragglers
-    from workers.tracking import ERROR_TAG, STATUS_TAG, MlflowTracker, TrialStatus
+    from workers.names import ERROR_TAG, STATUS_TAG
+    from workers.tracking import MlflowTracker, TrialStatus
 
     parent = _parent(store, "sweep")
     first = MlflowTracker(store, "faults", "t", trial_id="retried", parent_run_id=parent)

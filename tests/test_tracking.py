@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import http.server
 import json
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from workers.errors import ConfigError
+from workers.names import EXPERIMENT_KIND_TAG, MODEL_TRAINING, TRIAL_ID_TAG
+from workers.redaction import REDACTED, redact
 from workers.run_inputs import DatasetRecord
-from workers.tracking import (
-    EXPERIMENT_KIND_TAG,
-    MODEL_TRAINING,
-    REDACTED,
-    TRIAL_ID_TAG,
-    MemoryTracker,
-    MlflowTracker,
-    TrialStatus,
-    check_tracking_uri,
-    flatten_params,
-    redact,
-)
+from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus, flatten_params
 
 
 @pytest.fixture(scope="module")
@@ -206,48 +193,6 @@ def test_system_metrics_are_sampled_into_every_run(store: str, monkeypatch) -> N
         assert time.monotonic() < deadline, "no system metrics logged"
         time.sleep(0.2)
     tracker.finish(TrialStatus.SUCCEEDED)
-
-
-# --- the tracking URI -----------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_sqlite_uri_in_a_missing_folder_fails(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as err:
-        check_tracking_uri(f"sqlite:///{tmp_path}/missing/ml.db")
-    assert err.value.field == "tracking.uri" and "does not exist" in err.value.message
-    with pytest.raises(ConfigError, match="not a writable file"):
-        check_tracking_uri(f"sqlite:///{tmp_path}")  # a folder where the database should be
-    check_tracking_uri(f"sqlite:///{tmp_path}/ml.db")
-
-
-def test_a_server_that_does_not_answer_fails_fast() -> None:
-    with pytest.raises(ConfigError) as err:
-        check_tracking_uri(f"http://127.0.0.1:{_free_port()}")
-    assert err.value.field == "tracking.uri" and "does not answer" in err.value.message
-
-
-def test_a_server_that_answers_passes() -> None:
-    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
-    thread = threading.Thread(target=server.handle_request, daemon=True)
-    thread.start()
-    try:
-        check_tracking_uri(f"http://127.0.0.1:{server.server_address[1]}")  # any HTTP answer will do
-    finally:
-        thread.join(timeout=5)
-        server.server_close()
-
-
-def test_a_file_store_under_a_file_fails(tmp_path: Path) -> None:
-    blocker = tmp_path / "plain-file"
-    blocker.write_text("")
-    with pytest.raises(ConfigError, match="not a writable folder"):
-        check_tracking_uri(str(blocker / "mlruns"))
-    check_tracking_uri((tmp_path / "new" / "mlruns").as_uri())
 
 
 # --- what MLflow's UI shows of a run --------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from transformers import CompileConfig, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from workers.data import custom_task, load_records
+from workers.names import ACCURACY_PREFIX, MACRO_ACCURACY
 from workers.prompts import Template, evaluation_prompt
 from workers.scoring import extract, is_correct
 from workers.tasks import Task, is_custom, task, task_file
@@ -50,8 +51,8 @@ class EvalResult:
         return sum(t.accuracy for t in self.tasks.values()) / len(self.tasks) if self.tasks else 0.0
 
     def metrics(self) -> dict[str, float]:
-        out = {f"accuracy/{name}": t.accuracy for name, t in self.tasks.items()}
-        out["accuracy/macro"] = self.macro_accuracy
+        out = {f"{ACCURACY_PREFIX}{name}": t.accuracy for name, t in self.tasks.items()}
+        out[MACRO_ACCURACY] = self.macro_accuracy
         return out
 
 

@@ -1,9 +1,9 @@
 """Where a trial's record goes: the `Tracker` protocol, an MLflow tracker and an in-memory one.
 
-The only worker module that imports mlflow. Parameters and tags pass `redact` on their way in:
-values under secret-looking keys, and values that look like credentials themselves, become `***`.
-A caller that logs a spec as an artifact redacts it with `redact` first. The environment is never
-logged.
+The only worker module that imports mlflow. Parameters and tags pass `workers.redaction` on their
+way in: values under secret-looking keys, and values that look like credentials themselves, become
+`***`. A caller that logs a spec as an artifact redacts it with `redact` first. The environment is
+never logged. Tag names live in `workers.names`.
 """
 
 from __future__ import annotations
@@ -11,58 +11,43 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit
 
 import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
-from workers.errors import ConfigError
+from workers.names import (
+    CHANGED_PARAM_TAG,
+    DATASET_CONTEXT_TAG,
+    ERROR_TAG,
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING,
+    PARENT_TAG,
+    STATUS_TAG,
+    TRIAL_ID_TAG,
+)
+from workers.redaction import redact, redact_value
 from workers.run_inputs import DatasetRecord
 from workers.spool import Call, Spool
 
 T = TypeVar("T")
-TRIAL_ID_TAG = "adaptune.trial_id"
-PARENT_TAG = "mlflow.parentRunId"
-STATUS_TAG = "adaptune.status"
-ERROR_TAG = "adaptune.error"
 # Tags that describe how one attempt of a trial ended: a new attempt starts without them.
 ATTEMPT_TAGS = (STATUS_TAG, ERROR_TAG)
-# A param whose value changed between attempts (MLflow keeps the first): the new value, as a tag.
-CHANGED_PARAM_TAG = "adaptune.resumed_with."
 # How long a spooling tracker lets the store be unreachable before the trial fails, and how often it retries.
 DEFAULT_MAX_OUTAGE_S = 1800.0
-SPOOL = "tracking-spool"  # the spool's folder in a trial's checkpoint directory
 RETRY_S = 5.0
 # Errors of the store that a retry may cure (MLflow reports a refused connection as INTERNAL_ERROR).
 _TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
-REDACTED = "***"
-# The experiment tag MLflow's UI reads to open an experiment on its runs table, not on the GenAI overview.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-MODEL_TRAINING = "custom_model_development"
 # Seconds between two samples of CPU, memory, disk, network and (with pynvml) GPU figures.
 SYSTEM_METRICS_INTERVAL_S = 5.0
-
-_SECRET_KEY = re.compile(r"(^|[._-])(token|password|passwd|secret|credentials?|auth|(api|access|private)?[_-]?key)$",
-                         re.IGNORECASE)
-_SECRET_VALUE = re.compile(
-    r"^(hf_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}"
-    r"|(AKIA|ASIA)[0-9A-Z]{16}|xox[abprs]-[A-Za-z0-9-]{10,}|eyJ[\w-]+\.[\w-]+\.[\w-]+)$"
-)
-_USERINFO = re.compile(r"^(\w[\w+.-]*://)[^/@\s:]*:[^/@\s]*@")
-_USERINFO_ANYWHERE = re.compile(r"(\w[\w+.-]*://)[^/@\s:]*:[^/@\s]*@")
-_SECRET_WORD = re.compile(r"\b" + _SECRET_VALUE.pattern.removeprefix("^").removesuffix("$") + r"\b")
 
 
 class TrialStatus(StrEnum):
@@ -94,36 +79,7 @@ class Tracker(Protocol):
     def finish(self, status: TrialStatus) -> None: ...
 
 
-# --- redaction and flattening ---------------------------------------------------------------------------------
-
-def is_secret_key(key: str) -> bool:
-    """Whether the last part of a dotted key names a secret (`hf_token`, `tracking.password`)."""
-    return bool(_SECRET_KEY.search(key.rsplit(".", 1)[-1]))
-
-
-def redact_value(value: str) -> str:
-    """`value` with credentials removed: a token-shaped value entirely, a URL's user:password part."""
-    if _SECRET_VALUE.match(value.strip()):
-        return REDACTED
-    return _USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", value)
-
-
-def redact_text(text: str) -> str:
-    """Free text (an error, a log line) with every URL's user:password and every token-shaped word removed."""
-    text = _USERINFO_ANYWHERE.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
-    return _SECRET_WORD.sub(REDACTED, text)
-
-
-def redact(tree: Any, key: str = "") -> Any:
-    """A copy of a JSON-like tree with every secret replaced by `***`."""
-    if key and is_secret_key(key) and tree is not None:
-        return REDACTED
-    if isinstance(tree, Mapping):
-        return {k: redact(v, f"{key}.{k}" if key else str(k)) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return [redact(v) for v in tree]
-    return redact_value(tree) if isinstance(tree, str) else tree
-
+# --- flattening ----------------------------------------------------------------------------------------------
 
 def mlflow_client(uri: str) -> mlflow.MlflowClient:
     """A client of `uri` whose runs never print it: MLflow's "View run at: URL" lines would show its password.
@@ -147,43 +103,6 @@ def flatten_params(spec_dict: Mapping[str, Any], prefix: str = "") -> dict[str, 
             text = value if isinstance(value, str) else json.dumps(value)
             flat[name] = text[:MAX_PARAM_VAL_LENGTH]
     return flat
-
-
-# --- the tracking URI -----------------------------------------------------------------------------------------
-
-def _writable_folder(folder: Path) -> bool:
-    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
-
-
-def check_tracking_uri(uri: str) -> None:
-    """Fail fast, before a model loads, when `uri` cannot take a run.
-
-    sqlite: the database's folder must exist and be writable; http(s): the server must answer;
-    file: or a plain path: its nearest existing folder must be writable.
-    """
-    parts = urlsplit(uri)
-    scheme = parts.scheme.lower()
-    if scheme == "sqlite":
-        db = Path(uri.split("sqlite:///", 1)[-1]).expanduser()
-        folder = db.parent.resolve()
-        if not _writable_folder(folder):
-            raise ConfigError(None, "tracking.uri", f"{uri}: the folder {folder} does not exist or is not writable")
-        if db.exists() and not (db.is_file() and os.access(db, os.W_OK)):
-            raise ConfigError(None, "tracking.uri", f"{uri}: the database is not a writable file")
-    elif scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
-                pass
-        except urllib.error.HTTPError:
-            pass  # the server answered; what it said about /health does not matter here
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ConfigError(None, "tracking.uri", f"the tracking server at {uri} does not answer: {reason}") from None
-    elif scheme in ("", "file"):
-        path = Path(parts.path if scheme == "file" else uri).expanduser().resolve()
-        existing = next(p for p in (path, *path.parents) if p.exists())
-        if not _writable_folder(existing):
-            raise ConfigError(None, "tracking.uri", f"{uri}: {existing} is not a writable folder")
 
 
 # --- trackers -------------------------------------------------------------------------------------------------
@@ -411,7 +330,7 @@ class MlflowTracker:
             inputs = [
                 DatasetInput(Dataset(d["name"], d["digest"], "local", json.dumps({"uri": d["path"]}),
                                      profile=json.dumps({"num_rows": d["rows"], **d["profile"]})),
-                             [InputTag("mlflow.data.context", d["context"])])
+                             [InputTag(DATASET_CONTEXT_TAG, d["context"])])
                 for d in call["datasets"]
             ]
             self.client.log_inputs(self.run_id, datasets=inputs)
