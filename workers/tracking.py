@@ -18,7 +18,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -29,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from workers.errors import ConfigError
+from workers.results import TrialStatus
 from workers.run_inputs import DatasetRecord
 from workers.spool import Call, Spool
 
@@ -63,15 +63,6 @@ _SECRET_VALUE = re.compile(
 _USERINFO = re.compile(r"^(\w[\w+.-]*://)[^/@\s:]*:[^/@\s]*@")
 _USERINFO_ANYWHERE = re.compile(r"(\w[\w+.-]*://)[^/@\s:]*:[^/@\s]*@")
 _SECRET_WORD = re.compile(r"\b" + _SECRET_VALUE.pattern.removeprefix("^").removesuffix("$") + r"\b")
-
-
-class TrialStatus(StrEnum):
-    """How a trial ended."""
-
-    SUCCEEDED = "SUCCEEDED"
-    OOM = "OOM"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
 
 
 # How a trial's status reads in MLflow.
