@@ -114,8 +114,7 @@ class Preflight:
         self._check_memory(spec, shape, trainable)
         if self.training:
             self._check_tokenizer(spec)
-        if spec.data.packing and not layout.packs:
-            raise ConfigError(None, "data.packing", f"family {layout.name!r} cannot take packed rows (4-D masks)")
+        layout.check_packing(spec.data.packing)
         if self.training and not self.gpus and spec.train.precision in ("bf16", "fp16"):
             raise ConfigError(None, "train.precision", f"{spec.train.precision} needs a GPU and the trials run on "
                                                        "CPUs (resources.gpus_per_trial is 0): use fp32 or auto")

@@ -11,15 +11,13 @@ import math
 import textwrap
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: reports are drawn on machines without a display
 import matplotlib.pyplot as plt
 
-if TYPE_CHECKING:
-    from orchestrator.report import Configuration, Summary
+from orchestrator.report_data import Configuration, Summary, pareto_front
 
 METHOD_ORDER = ("series", "parallel", "lora", "prefix", "mosa")
 MARKERS = "osD^vP*X"
@@ -69,8 +67,6 @@ def dodged(xs: list[float]) -> list[float]:
 def accuracy_vs_params(summary: Summary, out: Path) -> Path | None:
     """Each configuration at (trainable parameters, score ± interval), one marker per method; the
     Pareto front as a step line carried to the right edge, its configurations labelled."""
-    from orchestrator.report import pareto_front
-
     metric = summary.metric
     points = [(c, _score(c, metric)) for c in summary.configurations]
     points = [(c, s) for c, s in points if s is not None and c.trainable_params]

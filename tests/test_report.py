@@ -22,9 +22,9 @@ from orchestrator.report import (
     collect,
     configuration_rows,
     mean_interval,
-    pareto_front,
     verdict,
 )
+from orchestrator.report_data import pareto_front
 from workers.spec import parse_trial_spec
 from workers.tracking import MlflowTracker, TrialStatus
 

@@ -3,6 +3,11 @@
     run_trial(spec, tracker, checkpoint_dir) -> TrialResult
 
 Given a `checkpoint_dir` that holds a checkpoint of the same spec, the trial resumes from it.
+
+The trial runs in phases, each a function with one job, as a torchtune recipe does: `build` (tokenizer,
+data, model, adapter, trainer, resume), `record_inputs`, `train`, `evaluate_trained` and the adapter's
+finalizing and saving (`Record.save_adapter`), then `record_result`. Rank is asked in one place: the
+`Record` the phases write to keeps nothing on ranks other than 0.
 """
 
 from __future__ import annotations
@@ -17,23 +22,23 @@ from typing import Any
 
 import torch
 import yaml
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from workers.adapters.registry import ParamCounts, count_parameters, inject
+from workers.data import TrainData, build_train_data
 from workers.errors import ConfigError
-from workers.repo_paths import relative_paths, repo_relative
+from workers.evaluate import evaluate
+from workers.model_loading import build_model, eight_bit_config, load_tokenizer
+from workers.placement import family_for
+from workers.provenance import provenance
+from workers.record import Record
+from workers.repo_paths import relative_paths
+from workers.results import Report, TrainOutcome, TrialResult, TrialStatus
+from workers.run_inputs import trial_datasets
 from workers.spec import RESUMABLE_CHANGES, TrialSpec, trial_id
-from workers.tracking import ERROR_TAG, Tracker, TrialStatus, redact
-
-# report(metrics, checkpoint): at every log point and at the end; `checkpoint` is the newest checkpoint
-# on disk then (it may predate the metrics' step), or None.
-Report = Callable[[dict[str, float], Path | None], None]
-
-
-@dataclass
-class TrialResult:
-    status: TrialStatus
-    metrics: dict[str, float]
-    adapter_dir: Path | None = None
-    error: str | None = None
+from workers.tasks import data_root
+from workers.tracking import ERROR_TAG, Tracker, redact
+from workers.train import Trainer, resolve_precision, seed_everything
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -92,8 +97,6 @@ def run_trial(
     apart by them. User errors (`ConfigError`) propagate after the run is marked failed; CUDA running
     out of memory is reported as OOM with the memory figures and is not retried.
     """
-    from workers.provenance import provenance
-
     checkpoint_dir = Path(checkpoint_dir)
     info = provenance()
     tracker.log_params(relative_paths({**spec.model_dump(mode="json"), "provenance": info}))
@@ -123,58 +126,93 @@ def _run(
     spec: TrialSpec, tracker: Tracker, checkpoint_dir: Path, info: dict[str, str], report: Report | None,
     should_stop: Callable[[], bool] | None,
 ) -> TrialResult:
-    from workers.adapters.io import save_adapter
-    from workers.adapters.registry import count_parameters, finalize, inject
-    from workers.data import build_train_data
-    from workers.evaluate import evaluate
-    from workers.model_loading import build_model, eight_bit_config, load_tokenizer
-    from workers.run_inputs import trial_datasets
-    from workers.tasks import data_root
-    from workers.train import Trainer, resolve_precision, seed_everything
+    """The trial's phases, in order; a cancelled run stops after training."""
+    trial = build(spec, checkpoint_dir)
+    record = Record(tracker, trial.trainer.rank, checkpoint_dir / "result")
+    record_inputs(record, spec, trial)
+    outcome = train(trial, record, report, should_stop)
+    if outcome.cancelled:
+        record.finish(TrialStatus.CANCELLED)
+        return TrialResult(TrialStatus.CANCELLED, {"step": outcome.global_step})
+    metrics = train_metrics(trial, outcome)
+    with trial.trainer.gathered_adapter():  # ZeRO-3 partitions the adapter: whole in here, on every rank
+        metrics.update(evaluate_trained(spec, trial, record))
+        record.save_adapter(trial.trainer.engine.module, spec)
+    record_result(record, spec, trial, outcome, metrics, info)
+    if report is not None:
+        # Last: a scheduler may end the trial's process as soon as it has the final result. Every rank
+        # reports the same steps (Ray Train synchronises on them).
+        report({**metrics, "step": outcome.global_step, "total_steps": outcome.total_steps}, None)
+    return TrialResult(TrialStatus.SUCCEEDED, metrics, adapter_dir=record.adapter_dir)
 
-    on_gpu = torch.cuda.is_available()
-    dtype = resolve_precision(spec.train.precision, on_gpu)
+
+@dataclass
+class Built:
+    """What `build` makes of a spec, for the later phases."""
+
+    tokenizer: PreTrainedTokenizerBase
+    data: TrainData
+    trainer: Trainer
+    counts: ParamCounts
+    resumed: bool
+
+
+def build(spec: TrialSpec, checkpoint_dir: Path) -> Built:
+    """Tokenizer, training data, the model with its adapter injected, and its trainer, resumed from the
+    newest valid checkpoint of `checkpoint_dir` where there is one."""
+    dtype = resolve_precision(spec.train.precision, torch.cuda.is_available())
     if spec.load_in_8bit:
         eight_bit_config()  # no GPU or no bitsandbytes: refused before any data work
     tokenizer = load_tokenizer(spec.tokenizer or spec.model, spec.trust_remote_code)
     data = build_train_data(spec.data, tokenizer, spec.seed)
     seed_everything(spec.seed)
+    model = load_model(spec, dtype)
+    inject(model, spec.adapter)
+    counts = count_parameters(model)
+    family_for(model.config).check_packing(spec.data.packing)
+    trainer = Trainer(model, tokenizer.pad_token_id, data, spec, checkpoint_dir)
+    return Built(tokenizer, data, trainer, counts, trainer.resume())
+
+
+def load_model(spec: TrialSpec, dtype: torch.dtype) -> PreTrainedModel:
+    """The base model of `spec` in `dtype`, on the device it is best built on."""
+    on_gpu = torch.cuda.is_available()
     # An 8-bit base is quantized as it loads, and a random one initialised, on this rank's GPU (a 7B random
     # init takes minutes on a CPU); any other loads on the CPU and the trainer moves it.
     on_rank_gpu = spec.load_in_8bit or (spec.random_init and on_gpu)
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if on_rank_gpu else "cpu"
-    model = build_model(spec.model, overrides=spec.model_overrides, random_init=spec.random_init,
-                        trust_remote_code=spec.trust_remote_code, dtype=dtype, device=device, seed=spec.seed,
-                        load_in_8bit=spec.load_in_8bit)
-    inject(model, spec.adapter)
-    counts = count_parameters(model)
-    trainer = Trainer(model, tokenizer.pad_token_id, data, spec, checkpoint_dir)
-    rank0 = trainer.rank == 0
-    resumed = trainer.resume()
-    if rank0:
-        # Paths in the checkout are recorded relative to it: the record reads the same on every machine.
-        tracker.log_params(relative_paths({"data_stats": data.stats, "trainable_params": counts.trainable,
-                                           "base_params": counts.base}))
-        tracker.log_datasets(trial_datasets(spec, data.stats))  # a resumed run's inputs are deduplicated
-        tracker.set_tags({"adaptune.adapter": spec.adapter.short_name(), "adaptune.resumed": str(resumed)})
-        if trainer.skipped:
-            skipped = "; ".join(f"{p.name}: {why}" for p, why in trainer.skipped)
-            tracker.set_tags({"adaptune.skipped_checkpoints": skipped})
+    return build_model(spec.model, overrides=spec.model_overrides, random_init=spec.random_init,
+                       trust_remote_code=spec.trust_remote_code, dtype=dtype, device=device, seed=spec.seed,
+                       load_in_8bit=spec.load_in_8bit)
+
+
+def record_inputs(record: Record, spec: TrialSpec, trial: Built) -> None:
+    """What the trial trains: its data and parameter counts, datasets, adapter and whether it resumed."""
+    # Paths in the checkout are recorded relative to it: the record reads the same on every machine.
+    record.log_params(relative_paths({"data_stats": trial.data.stats, "trainable_params": trial.counts.trainable,
+                                      "base_params": trial.counts.base}))
+    record.log_datasets(trial_datasets(spec, trial.data.stats))  # a resumed run's inputs are deduplicated
+    record.set_tags({"adaptune.adapter": spec.adapter.short_name(), "adaptune.resumed": str(trial.resumed)})
+    if trial.trainer.skipped:
+        skipped = "; ".join(f"{p.name}: {why}" for p, why in trial.trainer.skipped)
+        record.set_tags({"adaptune.skipped_checkpoints": skipped})
+
+
+def train(trial: Built, record: Record, report: Report | None, should_stop: Callable[[], bool] | None,
+          ) -> TrainOutcome:
+    """Train, logging each log point's metrics and passing them on to `report`."""
 
     def on_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
-        if rank0:
-            tracker.log_metrics(metrics, step=int(metrics["step"]))
+        record.log_metrics(metrics, step=int(metrics["step"]))
         if report is not None:
             report(metrics, checkpoint)
 
-    outcome = trainer.train(on_report, should_stop)
-    if outcome.cancelled:
-        if rank0:
-            tracker.finish(TrialStatus.CANCELLED)
-        return TrialResult(TrialStatus.CANCELLED, {"step": outcome.global_step})
+    return trial.trainer.train(on_report, should_stop)
 
-    out = checkpoint_dir / "result"
-    model = trainer.engine.module
+
+def train_metrics(trial: Built, outcome: TrainOutcome) -> dict[str, float]:
+    """The trial's final training figures: loss, sizes, throughput, memory and compute."""
+    counts = trial.counts
     metrics: dict[str, float] = {
         "final_train_loss": outcome.final_loss,
         "trainable_params": counts.trainable,
@@ -184,39 +222,39 @@ def _run(
         "train_seconds": outcome.seconds,
         "train_tokens_per_s": outcome.tokens / max(outcome.seconds, 1e-9),
         "peak_memory_gb": outcome.peak_memory_bytes / 2**30,
-        ("gpu_hours" if on_gpu else "cpu_hours"): outcome.seconds * trainer.world / 3600,
+        ("gpu_hours" if torch.cuda.is_available() else "cpu_hours"): outcome.seconds * trial.trainer.world / 3600,
     }
     if outcome.val_loss is not None:
         metrics["val_loss"] = outcome.val_loss
-    with trainer.gathered_adapter():
-        # ZeRO-3 keeps parameters partitioned: every rank takes part in evaluation then.
-        if spec.data.eval and (rank0 or spec.train.zero_stage == 3):
-            result = evaluate(model, tokenizer, spec.data.eval, spec.eval, root=data_root(spec.data.data_root),
-                              out_dir=out / "predictions" if rank0 else None, template=spec.data.template)
-            metrics.update(result.metrics())
-            metrics["eval_seconds"] = result.seconds
-            metrics["eval_tokens_per_s"] = result.generated_tokens / max(result.seconds, 1e-9)
-        if rank0:
-            deployed = finalize(model, spec.adapter)
-            save_adapter(model, deployed, out / "adapter", base_model=repo_relative(spec.model),
-                         trained_as=spec.adapter if deployed != spec.adapter else None)
-    if not rank0:
-        if report is not None:  # every rank reports the same steps (Ray Train synchronises on them)
-            report({**metrics, "step": outcome.global_step, "total_steps": outcome.total_steps}, None)
-        return TrialResult(TrialStatus.SUCCEEDED, metrics)
-    (out / "summary.json").write_text(json.dumps(
+    return metrics
+
+
+def evaluate_trained(spec: TrialSpec, trial: Built, record: Record) -> dict[str, float]:
+    """Accuracy on the eval sets and the evaluation's speed, where this rank evaluates (else nothing);
+    rank 0 keeps the predictions."""
+    if not record.evaluates(spec):
+        return {}
+    result = evaluate(trial.trainer.engine.module, trial.tokenizer, spec.data.eval, spec.eval,
+                      root=data_root(spec.data.data_root), out_dir=record.predictions_dir,
+                      template=spec.data.template)
+    return {**result.metrics(), "eval_seconds": result.seconds,
+            "eval_tokens_per_s": result.generated_tokens / max(result.seconds, 1e-9)}
+
+
+def record_result(record: Record, spec: TrialSpec, trial: Built, outcome: TrainOutcome, metrics: dict[str, float],
+                  info: dict[str, str]) -> None:
+    """summary.json and spec.yaml beside the adapter; the final metrics and the result folder to the
+    tracker; the run finished."""
+    out = record.out
+    record.write_text("summary.json", json.dumps(
         {"trial_id": trial_id(spec), "adapter": spec.adapter.short_name(), "metrics": metrics,
-         "data": relative_paths(data.stats), "provenance": info, "losses": outcome.losses}, indent=2) + "\n")
-    (out / "spec.yaml").write_text(yaml.safe_dump(relative_paths(redact(spec.model_dump(mode="json"))),
+         "data": relative_paths(trial.data.stats), "provenance": info, "losses": outcome.losses}, indent=2) + "\n")
+    record.write_text("spec.yaml", yaml.safe_dump(relative_paths(redact(spec.model_dump(mode="json"))),
                                                   sort_keys=False))
-    tracker.log_metrics(metrics, step=outcome.global_step)
-    tracker.log_artifact(out / "adapter", "adapter")
+    record.log_metrics(metrics, step=outcome.global_step)
+    record.log_artifact(out / "adapter", "adapter")
     if (out / "predictions").is_dir():
-        tracker.log_artifact(out / "predictions", "predictions")
-    tracker.log_artifact(out / "summary.json")
-    tracker.log_artifact(out / "spec.yaml")
-    tracker.finish(TrialStatus.SUCCEEDED)
-    if report is not None:
-        # Last: a scheduler may end the trial's process as soon as it has the final result.
-        report({**metrics, "step": outcome.global_step, "total_steps": outcome.total_steps}, None)
-    return TrialResult(TrialStatus.SUCCEEDED, metrics, adapter_dir=out / "adapter")
+        record.log_artifact(out / "predictions", "predictions")
+    record.log_artifact(out / "summary.json")
+    record.log_artifact(out / "spec.yaml")
+    record.finish(TrialStatus.SUCCEEDED)

@@ -15,7 +15,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -35,6 +34,7 @@ from workers.names import (
     TRIAL_ID_TAG,
 )
 from workers.redaction import redact, redact_value
+from workers.results import TrialStatus
 from workers.run_inputs import DatasetRecord
 from workers.spool import Call, Spool
 
@@ -48,15 +48,6 @@ RETRY_S = 5.0
 _TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
 # Seconds between two samples of CPU, memory, disk, network and (with pynvml) GPU figures.
 SYSTEM_METRICS_INTERVAL_S = 5.0
-
-
-class TrialStatus(StrEnum):
-    """How a trial ended."""
-
-    SUCCEEDED = "SUCCEEDED"
-    OOM = "OOM"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
 
 
 # How a trial's status reads in MLflow.

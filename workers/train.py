@@ -32,25 +32,10 @@ from workers.compile import compile_decoder_layers, compile_enabled
 from workers.data import TrainData, collate, micro_batches, to_device
 from workers.errors import ConfigError
 from workers.loss import causal_lm_loss
-from workers.placement import family_for
+from workers.results import Report, TrainOutcome
 
 if TYPE_CHECKING:
-    from workers.job import Report
     from workers.spec import TrialSpec
-
-
-
-@dataclass
-class TrainOutcome:
-    global_step: int
-    total_steps: int
-    final_loss: float
-    tokens: int
-    seconds: float
-    peak_memory_bytes: int
-    cancelled: bool = False
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    val_loss: float | None = None
 
 
 def init_distributed(backend: str) -> tuple[int, int]:
@@ -149,55 +134,78 @@ class BestAdapter:
         return float(self.loss())
 
 
+@dataclass
+class TokenWindow:
+    """The tokens trained since the last log point, the positions of their collated micro-batches (padding
+    included), and when the window opened."""
+
+    tokens: int = 0
+    slots: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, row_tokens: list[int]) -> None:
+        """One micro-batch, as the tokens of each of its rows."""
+        self.tokens += sum(row_tokens)
+        self.slots += len(row_tokens) * max(row_tokens)  # positions of the collated micro-batch
+
+
 class Trainer:
     """A DeepSpeed engine over an injected model, with the paper's schedule and exact resume."""
 
     def __init__(
         self, model: PreTrainedModel, pad_id: int, data: TrainData, spec: TrialSpec, checkpoint_dir: Path
     ) -> None:
-        import deepspeed
-
-        from workers.safe_checkpoint import SafeCheckpointEngine
-
         self.spec, self.data, self.pad_id, self.checkpoint_dir = spec, data, pad_id, checkpoint_dir
-        family = family_for(model.config)
-        if spec.data.packing and not family.packs:
-            raise ConfigError(None, "data.packing", f"family {family.name!r} cannot take packed rows (4-D masks)")
         on_gpu = torch.cuda.is_available()
         self.rank, self.world = init_distributed("nccl" if on_gpu else "gloo")
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
-        self.dtype = dtype = resolve_precision(spec.train.precision, on_gpu)
+        self.dtype = resolve_precision(spec.train.precision, on_gpu)
         self.accumulation = accumulation_steps(spec.train.batch_size, spec.train.micro_batch_size, self.world)
         self.lengths = list(data.train["length"])
         self.input_ids, self.labels = data.train["input_ids"], data.train["labels"]
-        self.steps_per_epoch = self._epoch_order(0)[1]
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                None, "train.batch_size",
-                f"{len(self.lengths)} training examples do not fill one batch of {spec.train.batch_size}",
-            )
-        self.total_steps = spec.train.max_steps or max(1, int(spec.train.epochs * self.steps_per_epoch))
-        if spec.train.gradient_checkpointing:
-            enable_gradient_checkpointing(model, spec.adapter)
-        if not getattr(model, "is_loaded_in_8bit", False):  # an 8-bit base loads onto its GPU
-            model.to(self.device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        warmup, total = spec.train.warmup_steps, self.total_steps
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model,
-            model_parameters=params,
-            config=deepspeed_config(spec, self.accumulation, dtype),
-            lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, total),
-        )
-        self.engine.checkpoint_engine = SafeCheckpointEngine()  # checkpoints load with weights_only=True
-        if compile_enabled(spec.train.compile, on_gpu):
-            compile_decoder_layers(self.engine.module)
+        self.steps_per_epoch, self.total_steps = self._schedule()
+        self.engine, self.scheduler = self._engine(model, on_gpu)
         self.global_step, self.epoch, self.position, self.tokens = 0, 0, 0, 0
         self.losses: list[tuple[int, float]] = []
         self.last_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
         self.best = BestAdapter(checkpoint_dir / "best-adapter") if spec.train.load_best else None
         self.skipped: list[tuple[Path, str]] = []
+
+    def _schedule(self) -> tuple[int, int]:
+        """(optimizer steps per epoch, optimizer steps of the run: `max_steps`, else `epochs` of them)."""
+        t = self.spec.train
+        per_epoch = self._epoch_order(0)[1]
+        if per_epoch == 0:
+            raise ConfigError(
+                None, "train.batch_size",
+                f"{len(self.lengths)} training examples do not fill one batch of {t.batch_size}",
+            )
+        return per_epoch, t.max_steps or max(1, int(t.epochs * per_epoch))
+
+    def _engine(self, model: PreTrainedModel, on_gpu: bool) -> tuple[Any, Any]:
+        """The DeepSpeed engine over `model`'s trainable parameters, and its linear warmup schedule."""
+        import deepspeed
+
+        from workers.safe_checkpoint import SafeCheckpointEngine
+
+        t = self.spec.train
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(model, self.spec.adapter)
+        if not getattr(model, "is_loaded_in_8bit", False):  # an 8-bit base loads onto its GPU
+            model.to(self.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        warmup, total = t.warmup_steps, self.total_steps
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=params,
+            config=deepspeed_config(self.spec, self.accumulation, self.dtype),
+            lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, total),
+        )
+        engine.checkpoint_engine = SafeCheckpointEngine()  # checkpoints load with weights_only=True
+        if compile_enabled(t.compile, on_gpu):
+            compile_decoder_layers(engine.module)
+        return engine, scheduler
 
     def _epoch_order(self, epoch: int) -> tuple[list, int]:
         """This rank's micro-batches of `epoch`, and the optimizer steps the epoch holds."""
@@ -298,61 +306,16 @@ class Trainer:
         return loss if extra is None else loss + extra
 
     def train(self, report: Report | None = None, should_stop: Callable[[], bool] | None = None) -> TrainOutcome:
-        t = self.spec.train
+        """Train to `total_steps` from where the trainer stands; stop early, with a checkpoint, once
+        `should_stop()` says so (the outcome is then `cancelled`)."""
         started = time.perf_counter()
-        window_tokens, window_slots, window_start = 0, 0, time.perf_counter()
-        step_loss, step_micro = 0.0, 0
+        self.window = TokenWindow()
+        self.step_loss, self.step_micro = 0.0, 0
         self.engine.train()
         cancelled = False
         while self.global_step < self.total_steps and not cancelled:
-            mine, _ = self._epoch_order(self.epoch)
-            while self.position < len(mine) and self.global_step < self.total_steps:
-                rows = mine[self.position]
-                batch = self._batch(rows)
-                loss = self._loss(batch)
-                self.engine.backward(loss)
-                self.engine.step()
-                self.position += 1
-                step_loss += loss.detach().item()
-                step_micro += 1
-                row_tokens = [sum(self.lengths[i] for i in row) for row in rows]
-                window_tokens += sum(row_tokens)
-                window_slots += len(rows) * max(row_tokens)  # positions of the collated micro-batch
-                if self.position % self.accumulation:
-                    continue
-                self.global_step += 1
-                mean_loss = self._mean_over_ranks(step_loss, step_micro)
-                step_loss, step_micro = 0.0, 0
-                self.losses.append((self.global_step, mean_loss))
-                metrics: dict[str, float] = {}
-                if self.global_step % t.log_every == 0 or self.global_step == self.total_steps:
-                    tokens, slots = self._sum_over_ranks(window_tokens, window_slots)
-                    elapsed = time.perf_counter() - window_start
-                    self.tokens += int(tokens)
-                    metrics.update(train_loss=mean_loss, lr=self.scheduler.get_last_lr()[0],
-                                   tokens_per_s=tokens / max(elapsed, 1e-9), padding_share=1.0 - tokens / slots,
-                                   peak_memory_gb=peak_memory_bytes(self.device) / 2**30)
-                    window_tokens, window_slots, window_start = 0, 0, time.perf_counter()
-                if self.global_step % t.eval_every == 0:
-                    val = self.validation_loss()
-                    if val is not None:
-                        metrics["val_loss"] = self.last_val_loss = val
-                        if self.best is not None:
-                            self.best.offer(self, val)
-                stop = should_stop is not None and should_stop()
-                # Metrics go out before the checkpoint that covers their step: a crash between the
-                # two replays the step on resume instead of losing its record.
-                if metrics and report is not None:
-                    metrics.update(step=self.global_step, total_steps=self.total_steps, epoch=self.epoch)
-                    report(metrics, self.last_checkpoint)
-                if self.global_step % t.save_every == 0 or stop:
-                    self.last_checkpoint = self.save()
-                if stop:
-                    cancelled = True
-                    break
-            if self.position >= len(mine):
-                self.epoch, self.position = self.epoch + 1, 0
-        self.tokens += int(self._sum_over_ranks(window_tokens)[0])
+            cancelled = self._train_epoch(report, should_stop)
+        self.tokens += int(self._sum_over_ranks(self.window.tokens)[0])
         if self.best is not None and not cancelled and self.best.loss() is not None:
             self.last_val_loss = self.best.restore(self)
         return TrainOutcome(
@@ -361,3 +324,69 @@ class Trainer:
             seconds=time.perf_counter() - started, peak_memory_bytes=peak_memory_bytes(self.device),
             cancelled=cancelled, losses=list(self.losses), val_loss=self.last_val_loss,
         )
+
+    def _train_epoch(self, report: Report | None, should_stop: Callable[[], bool] | None) -> bool:
+        """This rank's micro-batches of the current epoch from `position` on, until the epoch or the run
+        ends or `should_stop()` says so; whether it did."""
+        mine, _ = self._epoch_order(self.epoch)
+        stopped = False
+        while not stopped and self.position < len(mine) and self.global_step < self.total_steps:
+            self._micro_step(mine[self.position])
+            stopped = self.position % self.accumulation == 0 and self._optimizer_step(report, should_stop)
+        if self.position >= len(mine):
+            self.epoch, self.position = self.epoch + 1, 0
+        return stopped
+
+    def _micro_step(self, rows: list[tuple[int, ...]]) -> None:
+        """Forward and backward over one micro-batch; DeepSpeed steps the optimizer every `accumulation`."""
+        loss = self._loss(self._batch(rows))
+        self.engine.backward(loss)
+        self.engine.step()
+        self.position += 1
+        self.step_loss += loss.detach().item()
+        self.step_micro += 1
+        self.window.add([sum(self.lengths[i] for i in row) for row in rows])
+
+    def _optimizer_step(self, report: Report | None, should_stop: Callable[[], bool] | None) -> bool:
+        """Book the optimizer step just taken: its loss, its log and validation metrics, its checkpoint;
+        whether `should_stop()` said to stop."""
+        self.global_step += 1
+        mean_loss = self._mean_over_ranks(self.step_loss, self.step_micro)
+        self.step_loss, self.step_micro = 0.0, 0
+        self.losses.append((self.global_step, mean_loss))
+        metrics = {**self._window_metrics(mean_loss), **self._validation_metrics()}
+        stop = should_stop is not None and should_stop()
+        # Metrics go out before the checkpoint that covers their step: a crash between the
+        # two replays the step on resume instead of losing its record.
+        if metrics and report is not None:
+            metrics.update(step=self.global_step, total_steps=self.total_steps, epoch=self.epoch)
+            report(metrics, self.last_checkpoint)
+        if self.global_step % self.spec.train.save_every == 0 or stop:
+            self.last_checkpoint = self.save()
+        return stop
+
+    def _window_metrics(self, mean_loss: float) -> dict[str, float]:
+        """At a log point (every `log_every` steps and the last): the step's loss, the learning rate and
+        the token window's throughput and padding, summed over ranks; the window closes."""
+        if not (self.global_step % self.spec.train.log_every == 0 or self.global_step == self.total_steps):
+            return {}
+        tokens, slots = self._sum_over_ranks(self.window.tokens, self.window.slots)
+        elapsed = time.perf_counter() - self.window.start
+        self.tokens += int(tokens)
+        metrics = {"train_loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                   "tokens_per_s": tokens / max(elapsed, 1e-9), "padding_share": 1.0 - tokens / slots,
+                   "peak_memory_gb": peak_memory_bytes(self.device) / 2**30}
+        self.window = TokenWindow()
+        return metrics
+
+    def _validation_metrics(self) -> dict[str, float]:
+        """At a validation point (every `eval_every` steps): the validation loss, offered as the best adapter."""
+        if self.global_step % self.spec.train.eval_every:
+            return {}
+        val = self.validation_loss()
+        if val is None:
+            return {}
+        self.last_val_loss = val
+        if self.best is not None:
+            self.best.offer(self, val)
+        return {"val_loss": val}

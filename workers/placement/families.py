@@ -47,6 +47,11 @@ class FamilyLayout:
     def _bounded(self, sublayer: str) -> bool:
         return all(self.has(r) for r in SUBLAYER_BOUNDS[sublayer])
 
+    def check_packing(self, packing: bool) -> None:
+        """Refuse `data.packing` where the family cannot take packed rows."""
+        if packing and not self.packs:
+            raise ConfigError(None, "data.packing", f"family {self.name!r} cannot take packed rows (4-D masks)")
+
 
 FAMILIES: tuple[FamilyLayout, ...] = (
     FamilyLayout(
