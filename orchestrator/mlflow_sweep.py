@@ -32,13 +32,14 @@ from workers.names import (
     STATUS_TAG,
     SUMMARY_CSV,
     SWEEP_TAG,
+    TOKENS_TRAINED,
     TRAINABLE_PARAMS,
 )
 from workers.provenance import git_sha
 from workers.redaction import redact
 from workers.tracking import experiment_id, mlflow_client
 
-COSTS = (GPU_HOURS, CPU_HOURS, "tokens_trained")
+COSTS = (GPU_HOURS, CPU_HOURS, TOKENS_TRAINED)
 
 
 class MlflowTrials:

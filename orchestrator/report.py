@@ -32,8 +32,20 @@ from rich.table import Table
 
 from orchestrator.comparison import two_level_bootstrap
 from orchestrator.report_data import Configuration, Interval, Summary, Trial, mean_interval
+from workers.names import (
+    ACCURACY_PREFIX,
+    CPU_HOURS,
+    FINAL_TRAIN_LOSS,
+    GPU_HOURS,
+    MACRO_ACCURACY,
+    TOKENS_TRAINED,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    TRAINABLE_PARAMS,
+    VAL_LOSS,
+)
 
-COSTS = ("gpu_hours", "cpu_hours", "tokens_trained", "train_seconds")
+COSTS = (GPU_HOURS, CPU_HOURS, TOKENS_TRAINED, TRAIN_SECONDS)
 
 
 def varied_params(keys: Sequence[Mapping[str, str]]) -> list[str]:
@@ -62,8 +74,8 @@ def group(trials: Sequence[Trial]) -> list[Configuration]:
 
 def metric_names(trials: Sequence[Trial]) -> list[str]:
     """The accuracy metrics the trials report, macro first."""
-    names = sorted({k for t in trials for k in t.metrics if k.startswith("accuracy/") and k != "accuracy/macro"})
-    return ["accuracy/macro", *names] if any("accuracy/macro" in t.metrics for t in trials) else names
+    names = sorted({k for t in trials for k in t.metrics if k.startswith(ACCURACY_PREFIX) and k != MACRO_ACCURACY})
+    return [MACRO_ACCURACY, *names] if any(MACRO_ACCURACY in t.metrics for t in trials) else names
 
 
 def rank(configs: Sequence[Configuration], metric: str, mode: str) -> list[Configuration]:
@@ -121,12 +133,12 @@ def _task_of(metric: str) -> str:
     return metric.split("/", 1)[1]
 
 
-def collect(source: TrialSource, *, metric: str = "accuracy/macro", mode: str = "max",
+def collect(source: TrialSource, *, metric: str = MACRO_ACCURACY, mode: str = "max",
             resamples: int = 10_000) -> Summary:
     """Read the sweep's trials from `source` and compute the configurations, ranking and bootstrap."""
     trials = source.trials()
     configs = group(trials)
-    names = [*metric_names(trials), "val_loss", "final_train_loss"]
+    names = [*metric_names(trials), VAL_LOSS, FINAL_TRAIN_LOSS]
     for config in configs:
         done = [t for t in config.trials if t.succeeded]
         config.stats = {m: mean_interval([t.metrics[m] for t in done if m in t.metrics]) for m in names}
@@ -134,24 +146,24 @@ def collect(source: TrialSource, *, metric: str = "accuracy/macro", mode: str = 
     curves = {
         t.name + ("" if len(trials) == len({x.name for x in trials}) else f" ({t.run_id[:6]})"): {
             key: source.history(t.run_id, key)
-            for key in ("train_loss", "val_loss")
+            for key in (TRAIN_LOSS, VAL_LOSS)
         }
         for t in trials
     }
     summary = Summary(metric, mode, configs, trials, costs, curves, ranked=rank(configs, metric, mode))
     if len(summary.ranked) < 2:
         summary.note = "fewer than two finished configurations: nothing to compare"
-    elif not metric.startswith("accuracy/"):
+    elif not metric.startswith(ACCURACY_PREFIX):
         summary.note = f"{metric} is not an accuracy: no per-question comparison"
     else:
-        by_validation = rank(summary.ranked, "val_loss", "min")
+        by_validation = rank(summary.ranked, VAL_LOSS, "min")
         if len(by_validation) == len(summary.ranked):
             summary.compared, summary.chosen_on = by_validation[:2], "validation loss"
         else:
             summary.compared, summary.chosen_on = summary.ranked[:2], "the test sets"
         best = summary.compared[0]
-        tasks = ([_task_of(m) for m in metric_names(best.trials) if m != "accuracy/macro"]
-                 if metric == "accuracy/macro" else [_task_of(metric)])
+        tasks = ([_task_of(m) for m in metric_names(best.trials) if m != MACRO_ACCURACY]
+                 if metric == MACRO_ACCURACY else [_task_of(metric)])
         try:
             a, b = _question_scores(source, summary.compared, tasks)
         except ValueError as exc:
@@ -182,11 +194,11 @@ def configuration_rows(summary: Summary) -> list[dict[str, object]]:
         row: dict[str, object] = {
             "configuration": config.label, "method": config.method, "placement": config.placement,
             "bottleneck": config.params.get("adapter.bottleneck", ""), "rank": config.params.get("adapter.rank", ""),
-            "trainable_params": config.params.get("trainable_params", ""),
+            TRAINABLE_PARAMS: config.params.get(TRAINABLE_PARAMS, ""),
             "seeds": " ".join(config.seeds), "finished": sum(t.succeeded for t in config.trials),
             "statuses": " ".join(sorted({t.status for t in config.trials})),
         }
-        for m in [*metrics, "val_loss"]:
+        for m in [*metrics, VAL_LOSS]:
             interval = config.stats.get(m)
             row[f"{m} mean"] = interval.mean if interval and interval.n else ""
             row[f"{m} ci95 low"] = interval.low if interval and interval.n > 1 else ""
@@ -225,13 +237,13 @@ def table(summary: Summary) -> Table:
     """The summary table for the terminal."""
     metrics = metric_names(summary.trials)
     out = Table(title=f"configurations by {summary.metric} ({summary.mode}); mean [95% interval] over seeds")
-    for column in ("configuration", "params", "seeds", *metrics, "val_loss", "status"):
+    for column in ("configuration", "params", "seeds", *metrics, VAL_LOSS, "status"):
         out.add_column(column, justify="left" if column in ("configuration", "status") else "right")
     for config in summary.ranked + [c for c in summary.configurations if c not in summary.ranked]:
         params = config.trainable_params
         out.add_row(
             config.label, f"{params:,.0f}" if params is not None else "-", str(len(config.trials)),
-            *(_fmt(config.stats.get(m), True) for m in metrics), _fmt(config.stats.get("val_loss"), False),
+            *(_fmt(config.stats.get(m), True) for m in metrics), _fmt(config.stats.get(VAL_LOSS), False),
             " ".join(sorted({t.status for t in config.trials})),
         )
     return out
@@ -274,7 +286,7 @@ def write_report(summary: Summary, out_dir: Path) -> Path:
     for config in summary.ranked:
         params = config.trainable_params
         lines.append(f"| {config.label} | {params:,.0f} | {len(config.trials)} | "
-                     f"{_fmt(config.stats.get(summary.metric), summary.metric.startswith('accuracy/'))} |"
+                     f"{_fmt(config.stats.get(summary.metric), summary.metric.startswith(ACCURACY_PREFIX))} |"
                      if params is not None else f"| {config.label} | - | {len(config.trials)} | - |")
     failed = unfinished(summary)
     if failed:

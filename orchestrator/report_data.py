@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.comparison import Comparison
+from workers.names import TRAINABLE_PARAMS
 from workers.spec import TrialSpec
 
 SUCCEEDED = ("SUCCEEDED", "FINISHED")
@@ -113,7 +114,7 @@ class Configuration:
 
     @property
     def trainable_params(self) -> float | None:
-        return self.number("trainable_params")
+        return self.number(TRAINABLE_PARAMS)
 
     @property
     def seeds(self) -> list[str]:

@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # before pyplot: reports are drawn on machines without a 
 import matplotlib.pyplot as plt
 
 from orchestrator.report_data import Configuration, Summary, pareto_front
+from workers.names import ACCURACY_PREFIX, TRAIN_LOSS, VAL_LOSS
 
 METHOD_ORDER = ("series", "parallel", "lora", "prefix", "mosa")
 MARKERS = "osD^vP*X"
@@ -27,7 +28,7 @@ DODGE_DECADES = 0.04
 
 def metric_label(metric: str) -> str:
     """The axis label of a metric: `accuracy/macro` -> `macro accuracy (%)`, `val_loss` -> `val_loss`."""
-    if metric.startswith("accuracy/"):
+    if metric.startswith(ACCURACY_PREFIX):
         return f"{metric.split('/', 1)[1]} accuracy (%)"
     return metric
 
@@ -37,7 +38,7 @@ def _score(config: Configuration, metric: str) -> tuple[float, float, float] | N
     interval = config.stats.get(metric)
     if interval is None or interval.n == 0 or math.isnan(interval.mean):
         return None
-    scale = 100 if metric.startswith("accuracy/") else 1
+    scale = 100 if metric.startswith(ACCURACY_PREFIX) else 1
     if interval.n == 1:
         return interval.mean * scale, 0.0, 0.0
     return interval.mean * scale, (interval.mean - interval.low) * scale, (interval.high - interval.mean) * scale
@@ -99,7 +100,7 @@ def accuracy_vs_params(summary: Summary, out: Path) -> Path | None:
     ax.set_xlim(min(xs) / 10 ** (3 * DODGE_DECADES), right * 10 ** DODGE_DECADES)
     ax.set_xlabel("trainable parameters (count, log scale)")
     ax.set_ylabel(metric_label(metric))
-    if metric.startswith("accuracy/"):
+    if metric.startswith(ACCURACY_PREFIX):
         low = min(s[0] - s[1] for _, s in points)
         high = max(s[0] + s[2] for _, s in points)
         ax.set_ylim(max(0.0, low - 5), min(100.0, high + 8))
@@ -173,11 +174,11 @@ def score_vs(summary: Summary, out: Path, key: str, label: str, filename: str) -
 
 def training_curves(summary: Summary, out: Path) -> Path | None:
     """Training loss (left) and validation loss (right) against the optimizer step, one line per trial."""
-    if not any(curve["train_loss"] for curve in summary.curves.values()):
+    if not any(curve[TRAIN_LOSS] for curve in summary.curves.values()):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True, layout="constrained")
     for name, curve in sorted(summary.curves.items()):
-        for ax, key in zip(axes, ("train_loss", "val_loss"), strict=True):
+        for ax, key in zip(axes, (TRAIN_LOSS, VAL_LOSS), strict=True):
             if curve[key]:
                 steps, values = zip(*sorted(curve[key]), strict=True)
                 ax.plot(steps, values, label=name, linewidth=1, marker=".", markersize=4)

@@ -29,15 +29,35 @@ from workers.data import TrainData, build_train_data
 from workers.errors import ConfigError
 from workers.evaluate import evaluate
 from workers.model_loading import build_model, eight_bit_config, load_tokenizer
+from workers.names import (
+    ADAPTER_ARTIFACT,
+    ADAPTER_TAG,
+    BASE_PARAMS,
+    CPU_HOURS,
+    ERROR_TAG,
+    FINAL_TRAIN_LOSS,
+    GPU_HOURS,
+    PEAK_MEMORY_GB,
+    PREDICTIONS_ARTIFACT,
+    RESUMED_TAG,
+    SKIPPED_CHECKPOINTS_TAG,
+    SPEC_ARTIFACT,
+    SUMMARY_FILE,
+    TOKENS_TRAINED,
+    TRAIN_SECONDS,
+    TRAINABLE_PARAMS,
+    VAL_LOSS,
+)
 from workers.placement import family_for
 from workers.provenance import provenance
 from workers.record import Record
+from workers.redaction import redact
 from workers.repo_paths import relative_paths
 from workers.results import Report, TrainOutcome, TrialResult, TrialStatus
 from workers.run_inputs import trial_datasets
 from workers.spec import RESUMABLE_CHANGES, TrialSpec, trial_id
 from workers.tasks import data_root
-from workers.tracking import ERROR_TAG, Tracker, redact
+from workers.tracking import Tracker
 from workers.train import Trainer, resolve_precision, seed_everything
 
 
@@ -189,13 +209,13 @@ def load_model(spec: TrialSpec, dtype: torch.dtype) -> PreTrainedModel:
 def record_inputs(record: Record, spec: TrialSpec, trial: Built) -> None:
     """What the trial trains: its data and parameter counts, datasets, adapter and whether it resumed."""
     # Paths in the checkout are recorded relative to it: the record reads the same on every machine.
-    record.log_params(relative_paths({"data_stats": trial.data.stats, "trainable_params": trial.counts.trainable,
-                                      "base_params": trial.counts.base}))
+    record.log_params(relative_paths({"data_stats": trial.data.stats, TRAINABLE_PARAMS: trial.counts.trainable,
+                                      BASE_PARAMS: trial.counts.base}))
     record.log_datasets(trial_datasets(spec, trial.data.stats))  # a resumed run's inputs are deduplicated
-    record.set_tags({"adaptune.adapter": spec.adapter.short_name(), "adaptune.resumed": str(trial.resumed)})
+    record.set_tags({ADAPTER_TAG: spec.adapter.short_name(), RESUMED_TAG: str(trial.resumed)})
     if trial.trainer.skipped:
         skipped = "; ".join(f"{p.name}: {why}" for p, why in trial.trainer.skipped)
-        record.set_tags({"adaptune.skipped_checkpoints": skipped})
+        record.set_tags({SKIPPED_CHECKPOINTS_TAG: skipped})
 
 
 def train(trial: Built, record: Record, report: Report | None, should_stop: Callable[[], bool] | None,
@@ -214,18 +234,18 @@ def train_metrics(trial: Built, outcome: TrainOutcome) -> dict[str, float]:
     """The trial's final training figures: loss, sizes, throughput, memory and compute."""
     counts = trial.counts
     metrics: dict[str, float] = {
-        "final_train_loss": outcome.final_loss,
-        "trainable_params": counts.trainable,
-        "base_params": counts.base,
+        FINAL_TRAIN_LOSS: outcome.final_loss,
+        TRAINABLE_PARAMS: counts.trainable,
+        BASE_PARAMS: counts.base,
         "trainable_percent": counts.percent,
-        "tokens_trained": outcome.tokens,
-        "train_seconds": outcome.seconds,
+        TOKENS_TRAINED: outcome.tokens,
+        TRAIN_SECONDS: outcome.seconds,
         "train_tokens_per_s": outcome.tokens / max(outcome.seconds, 1e-9),
-        "peak_memory_gb": outcome.peak_memory_bytes / 2**30,
-        ("gpu_hours" if torch.cuda.is_available() else "cpu_hours"): outcome.seconds * trial.trainer.world / 3600,
+        PEAK_MEMORY_GB: outcome.peak_memory_bytes / 2**30,
+        (GPU_HOURS if torch.cuda.is_available() else CPU_HOURS): outcome.seconds * trial.trainer.world / 3600,
     }
     if outcome.val_loss is not None:
-        metrics["val_loss"] = outcome.val_loss
+        metrics[VAL_LOSS] = outcome.val_loss
     return metrics
 
 
@@ -246,15 +266,15 @@ def record_result(record: Record, spec: TrialSpec, trial: Built, outcome: TrainO
     """summary.json and spec.yaml beside the adapter; the final metrics and the result folder to the
     tracker; the run finished."""
     out = record.out
-    record.write_text("summary.json", json.dumps(
+    record.write_text(SUMMARY_FILE, json.dumps(
         {"trial_id": trial_id(spec), "adapter": spec.adapter.short_name(), "metrics": metrics,
          "data": relative_paths(trial.data.stats), "provenance": info, "losses": outcome.losses}, indent=2) + "\n")
-    record.write_text("spec.yaml", yaml.safe_dump(relative_paths(redact(spec.model_dump(mode="json"))),
-                                                  sort_keys=False))
+    record.write_text(SPEC_ARTIFACT, yaml.safe_dump(relative_paths(redact(spec.model_dump(mode="json"))),
+                                                    sort_keys=False))
     record.log_metrics(metrics, step=outcome.global_step)
-    record.log_artifact(out / "adapter", "adapter")
-    if (out / "predictions").is_dir():
-        record.log_artifact(out / "predictions", "predictions")
-    record.log_artifact(out / "summary.json")
-    record.log_artifact(out / "spec.yaml")
+    record.log_artifact(out / ADAPTER_ARTIFACT, ADAPTER_ARTIFACT)
+    if (out / PREDICTIONS_ARTIFACT).is_dir():
+        record.log_artifact(out / PREDICTIONS_ARTIFACT, PREDICTIONS_ARTIFACT)
+    record.log_artifact(out / SUMMARY_FILE)
+    record.log_artifact(out / SPEC_ARTIFACT)
     record.finish(TrialStatus.SUCCEEDED)

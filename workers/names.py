@@ -38,6 +38,9 @@ BASE_PARAMS = "base_params"
 GPU_HOURS = "gpu_hours"
 CPU_HOURS = "cpu_hours"
 PEAK_MEMORY_GB = "peak_memory_gb"
+FINAL_TRAIN_LOSS = "final_train_loss"
+TOKENS_TRAINED = "tokens_trained"
+TRAIN_SECONDS = "train_seconds"
 
 # --- artifacts of a trial's run and files of its folder -------------------------------------------------------
 ADAPTER_ARTIFACT = "adapter"

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from workers.adapters.io import save_adapter
 from workers.adapters.registry import finalize
+from workers.names import ADAPTER_ARTIFACT, PREDICTIONS_ARTIFACT
 from workers.repo_paths import repo_relative
 
 if TYPE_CHECKING:
@@ -62,12 +63,12 @@ class Record:
     @property
     def predictions_dir(self) -> Path | None:
         """Where evaluation writes its predictions: on rank 0 only."""
-        return self.out / "predictions" if self.writes else None
+        return self.out / PREDICTIONS_ARTIFACT if self.writes else None
 
     @property
     def adapter_dir(self) -> Path | None:
         """The saved adapter's folder, on rank 0."""
-        return self.out / "adapter" if self.writes else None
+        return self.out / ADAPTER_ARTIFACT if self.writes else None
 
     def write_text(self, name: str, text: str) -> None:
         """`text` as the file `name` of the result folder."""
@@ -79,5 +80,5 @@ class Record:
         `gathered_adapter()`): on rank 0, whose model alone is saved, and after evaluation."""
         if self.writes:
             deployed = finalize(model, spec.adapter)
-            save_adapter(model, deployed, self.out / "adapter", base_model=repo_relative(spec.model),
+            save_adapter(model, deployed, self.out / ADAPTER_ARTIFACT, base_model=repo_relative(spec.model),
                          trained_as=spec.adapter if deployed != spec.adapter else None)

@@ -32,6 +32,7 @@ from workers.compile import compile_decoder_layers, compile_enabled
 from workers.data import TrainData, collate, micro_batches, to_device
 from workers.errors import ConfigError
 from workers.loss import causal_lm_loss
+from workers.names import PEAK_MEMORY_GB, TRAIN_LOSS, VAL_LOSS
 from workers.results import Report, TrainOutcome
 
 if TYPE_CHECKING:
@@ -373,9 +374,9 @@ class Trainer:
         tokens, slots = self._sum_over_ranks(self.window.tokens, self.window.slots)
         elapsed = time.perf_counter() - self.window.start
         self.tokens += int(tokens)
-        metrics = {"train_loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+        metrics = {TRAIN_LOSS: mean_loss, "lr": self.scheduler.get_last_lr()[0],
                    "tokens_per_s": tokens / max(elapsed, 1e-9), "padding_share": 1.0 - tokens / slots,
-                   "peak_memory_gb": peak_memory_bytes(self.device) / 2**30}
+                   PEAK_MEMORY_GB: peak_memory_bytes(self.device) / 2**30}
         self.window = TokenWindow()
         return metrics
 
@@ -389,4 +390,4 @@ class Trainer:
         self.last_val_loss = val
         if self.best is not None:
             self.best.offer(self, val)
-        return {"val_loss": val}
+        return {VAL_LOSS: val}
