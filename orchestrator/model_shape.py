@@ -114,7 +114,10 @@ def _int(config: dict[str, Any], *keys: str, default: int | None = None) -> int:
 
 
 class Shape:
-    """The sizes of one model: hidden, MLP width, layers, heads, and the in/out size of each linear role."""
+    """The sizes of one model: hidden, MLP width, layers, heads, and the in/out size of each linear role.
+
+    What an adapter's config plans with (`workers.placement.ModelShape`: hidden, layers, dims).
+    """
 
     def __init__(self, config: dict[str, Any], layout: FamilyLayout) -> None:
         self.layout = layout

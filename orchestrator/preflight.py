@@ -16,10 +16,8 @@ from typing import Any
 
 from orchestrator.model_shape import Shape, has_tokenizer, hub_file, looks_like_path, read_config
 from orchestrator.sweep import Point, SweepSpec, field_in_file, representatives
-from workers.adapters.config import BottleneckOptions, LoraConfig, MosaConfig, PrefixConfig
 from workers.errors import ConfigError
-from workers.placement import FAMILIES, FamilyLayout, expand_sublayers, resolve_linear_roles
-from workers.placement.slots import SUBLAYER_BOUNDS, SUBLAYERS
+from workers.placement import FAMILIES, FamilyLayout
 from workers.spec import TrialSpec
 from workers.tasks import data_root, is_custom, normalise, task, task_file, task_of_answers, train_file
 
@@ -101,8 +99,9 @@ class Preflight:
                 raise ConfigError(None, field, str(exc)) from None
         return self._records[key]
 
-    def check(self, spec: TrialSpec) -> None:
-        """Every check of one trial; a `ConfigError` names the failing field of the spec."""
+    def check(self, spec: TrialSpec) -> int:
+        """Every check of one trial; a `ConfigError` names the failing field of the spec. Returns about how
+        many parameters the trial's adapter trains (its config's `planned_parameters`)."""
         if spec.trust_remote_code and not self.trust_remote_code:
             raise ConfigError(None, "trust_remote_code", "would run the Python files of the model folder: "
                                                          "pass --trust-remote-code on the command line as well "
@@ -110,7 +109,8 @@ class Preflight:
         config = self._config(spec)
         layout = _layout(config.get("model_type"))
         shape = Shape(config, layout)
-        trainable = _check_adapter(spec, layout, shape)
+        # The method's own config checks its sizes against the model and counts what it trains.
+        trainable = spec.adapter.planned_parameters(layout, shape)
         self._check_memory(spec, shape, trainable)
         if self.training:
             self._check_tokenizer(spec)
@@ -122,6 +122,7 @@ class Preflight:
             raise ConfigError(None, "load_in_8bit", "8-bit loading (bitsandbytes) needs a CUDA GPU; the trials run "
                                                     "on CPUs")
         self._check_data(spec)
+        return trainable
 
     def _check_memory(self, spec: TrialSpec, shape: Shape, trainable: int) -> None:
         if not self.training or self.gpus or self.memory is None:
@@ -195,57 +196,13 @@ class Preflight:
                                   f"data.allow_leakage: true")
 
 
-def _check_adapter(spec: TrialSpec, layout: FamilyLayout, shape: Shape) -> int:
-    """The adapter's placement and sizes on this family; returns about how many parameters it trains."""
-    adapter = spec.adapter
-    if isinstance(adapter, PrefixConfig):
-        mlp = adapter.prefix_hidden * (shape.hidden + 2 * shape.hidden * shape.layers) if adapter.reparametrize else 0
-        return adapter.virtual_tokens * 2 * shape.hidden * shape.layers + mlp
-    if isinstance(adapter, LoraConfig):
-        roles = expand_sublayers(adapter.placement)
-        if any(s in SUBLAYERS for s in adapter.placement):
-            roles = [r for r in roles if layout.has(r)]
-        resolved = resolve_linear_roles(layout, roles)
-        total = 0
-        for role in resolved:
-            d_in, d_out = shape.dims[role]
-            if adapter.rank > min(d_in, d_out):
-                raise ConfigError(None, "adapter.rank", f"rank {adapter.rank} exceeds the layer {role} "
-                                                        f"({d_in} -> {d_out}) of {layout.name}")
-            total += adapter.rank * (d_in + d_out)
-        return total * shape.layers
-    assert isinstance(adapter, BottleneckOptions)
-    sublayers = [s for s in adapter.placement if s in SUBLAYERS]
-    roles = resolve_linear_roles(layout, [s for s in adapter.placement if s not in SUBLAYERS])
-    sites: list[tuple[str, int, int]] = []
-    for sub in sublayers:
-        entry, exit_ = (_fused(layout, r) for r in SUBLAYER_BOUNDS[sub])
-        sites.append((sub, shape.dims[entry][0], shape.dims[exit_][1]))
-    parallel = adapter.type == "parallel" or (isinstance(adapter, MosaConfig) and adapter.base == "parallel")
-    for role in roles:
-        d_in, d_out = shape.dims[role]
-        if parallel:
-            sites.append((role, d_in, d_out))
-        else:
-            size = d_in if role in ("q", "k", "v", "qkv", "gate", "up") else d_out
-            sites.append((role, size, size))
-    for where, d_in, d_out in sites:
-        if adapter.bottleneck >= min(d_in, d_out):
-            raise ConfigError(None, "adapter.bottleneck", f"bottleneck {adapter.bottleneck} is not smaller than the "
-                                                          f"dimension it compresses ({min(d_in, d_out)} at {where} "
-                                                          f"of {layout.name})")
-    return sum(adapter.bottleneck * (d_in + d_out) for _, d_in, d_out in sites) * shape.layers
-
-
-def _fused(layout: FamilyLayout, role: str) -> str:
-    return "qkv" if role in ("q", "k", "v") and layout.fused_qkv else role
-
-
 def check_trial(spec: TrialSpec, file: str, *, training: bool, trust_remote_code: bool, gpus: float = 0,
-                memory: int | None = None) -> None:
-    """Pre-flight of one trial spec file: a `ConfigError` naming `file` and the field."""
+                memory: int | None = None) -> int:
+    """Pre-flight of one trial spec file: a `ConfigError` naming `file` and the field; else about how many
+    parameters the trial's adapter trains."""
     try:
-        Preflight(training=training, trust_remote_code=trust_remote_code, gpus=gpus, memory=memory).check(spec)
+        return Preflight(training=training, trust_remote_code=trust_remote_code, gpus=gpus,
+                         memory=memory).check(spec)
     except ConfigError as exc:
         raise ConfigError(file, exc.field, exc.message) from None
 

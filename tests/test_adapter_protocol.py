@@ -1,9 +1,10 @@
 """The adapter protocol: a method is its module, its config and one registry line, hooks and all.
 
 `Toy` below is a whole method defined in this file alone, as a new method would be in its own
-module: a config, a layer, `inject`, an extra loss and a merge (`finalize`). Registered with
-`registry.register`, it is accepted in a trial spec, trained with its loss, merged and saved, and
-loaded back, without a line of the trainer, the job or io knowing its name.
+module: a config (with its plan), a layer, `inject`, an extra loss and a merge (`finalize`).
+Registered with `registry.register`, it is accepted in a trial spec, checked and counted by the
+pre-flight and `plan`, trained with its loss, merged and saved, and loaded back, without a line of the
+pre-flight, the trainer, the job or io knowing its name.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from typing import Literal
 
 import pytest
 import torch
+import yaml
+from clirunner import run_cli
 from safetensors.torch import load_file
 from tiny_models import TINY_CONFIGS, tiny_model
 from torch import nn
 
+from orchestrator.preflight import check_trial
 from workers.adapters.base import AdapterLayer, AdapterMethod, adapter_state_dict, linear_dims, replace_module
 from workers.adapters.config import AdapterConfig, MosaConfig
 from workers.adapters.io import load_adapter, save_adapter
@@ -34,9 +38,10 @@ from workers.adapters.registry import (
     unregister,
 )
 from workers.data import collate
+from workers.errors import ConfigError
 from workers.job import run_trial
 from workers.loss import causal_lm_loss
-from workers.placement import FamilyLayout, linear_targets
+from workers.placement import FamilyLayout, ModelShape, linear_targets, resolve_linear_roles
 from workers.spec import TrialSpec, parse_trial_spec
 from workers.tracking import MemoryTracker, TrialStatus
 from workers.train import Trainer
@@ -50,6 +55,14 @@ class ToyConfig(AdapterConfig):
     type: Literal["toy"] = "toy"
     weight: float = 0.5
     merged: bool = False
+
+    def short_name(self) -> str:
+        return "toy-merged" if self.merged else "toy"
+
+    def planned_parameters(self, layout: FamilyLayout, shape: ModelShape) -> int:
+        """Two vectors (one once merged) of the output size of `down`, per block."""
+        (role,) = resolve_linear_roles(layout, ["down"])
+        return (1 if self.merged else 2) * shape.dims[role][1] * shape.layers
 
 
 class ToyShift(AdapterLayer):
@@ -284,3 +297,46 @@ def test_a_spec_takes_a_method_from_its_registration_on() -> None:
         assert TrialSpec.model_validate({"model": "tiny", "adapter": {"type": "toy"}}).adapter == ToyConfig()
     finally:
         unregister("toy")
+
+
+TINY_LLAMA = Path(__file__).resolve().parents[1] / "sweeps" / "models" / "tiny-llama"  # hidden 64, 2 blocks
+
+
+@pytest.fixture
+def plan_ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path
+
+
+def test_the_preflight_and_plan_count_a_registered_method_by_its_own_plan(toy: Toy, plan_ws: Path,
+                                                                         monkeypatch, capsys) -> None:
+    spec = parse_trial_spec({"model": str(TINY_LLAMA), "adapter": {"type": "toy"}})
+    assert check_trial(spec, "trial.yaml", training=False, trust_remote_code=False) == 2 * 64 * 2
+    merged = spec.model_copy(update={"adapter": ToyConfig(merged=True)})
+    assert check_trial(merged, "trial.yaml", training=False, trust_remote_code=False) == 64 * 2
+    (plan_ws / "trial.yaml").write_text(yaml.safe_dump({"model": str(TINY_LLAMA), "adapter": {"type": "toy"}}))
+    code, out, err = run_cli(["plan", "trial.yaml", "--json"], monkeypatch, capsys)
+    assert (code, err) == (0, "")
+    assert json.loads(out)["trainable_params"] == 2 * 64 * 2  # the plan is what injecting it trains
+    sweep = {"name": "toy", "base": {"model": str(TINY_LLAMA)}, "space": [{"type": "toy", "merged": [False, True]}]}
+    (plan_ws / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    code, out, err = run_cli(["plan", "sweep.yaml", "--json"], monkeypatch, capsys)
+    assert (code, err) == (0, "")
+    assert [p["trainable_params"] for p in json.loads(out)["points"]] == [2 * 64 * 2, 64 * 2]
+
+
+def test_a_method_without_a_plan_is_refused_in_one_line(plan_ws: Path, monkeypatch, capsys) -> None:
+    register(Minimal())
+    try:
+        spec = parse_trial_spec({"model": str(TINY_LLAMA), "adapter": {"type": "minimal"}})
+        with pytest.raises(ConfigError) as caught:
+            check_trial(spec, "trial.yaml", training=False, trust_remote_code=False)
+        assert (caught.value.file, caught.value.field) == ("trial.yaml", "adapter.type")
+        assert "MinimalConfig defines no planned_parameters(layout, shape)" in caught.value.message
+        (plan_ws / "trial.yaml").write_text(yaml.safe_dump({"model": str(TINY_LLAMA), "adapter": {"type": "minimal"}}))
+        code, out, err = run_cli(["plan", "trial.yaml"], monkeypatch, capsys)
+        assert (code, out) == (2, "")
+        assert err.strip().splitlines() == [f"error: trial.yaml: adapter.type: {caught.value.message}"]
+    finally:
+        unregister("minimal")

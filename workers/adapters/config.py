@@ -5,12 +5,16 @@ sweep or trial file is checked, named and counted into trials without importing 
 run`, `status` and `report` start in about two seconds instead of six. Each method's module
 (`series.py`, `parallel.py`, `prefix.py`, `lora.py`, `mosa.py`) holds its math and its injection and
 refers to its config here; `registry.py` joins the two.
+
+Each config also plans its adapter on a model it has not loaded (`planned_parameters`): from the
+family's layout and the model's sizes alone, it refuses sizes the model cannot take and counts about
+how many parameters the adapter trains. The pre-flight asks every trial's config, whatever its method.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -25,6 +29,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from workers.errors import ConfigError
+from workers.placement import FamilyLayout, ModelShape, expand_sublayers, resolve_linear_roles, sublayer_dims
 from workers.placement.slots import SLOTS, SUBLAYERS, Slot
 
 ABBREV = {"q": "q", "k": "k", "v": "v", "o": "o", "gate": "g", "up": "u", "down": "d"}
@@ -51,6 +57,14 @@ class AdapterConfig(BaseModel):
     def short_name(self) -> str:
         """A compact, human-readable tag of this config (run names: `lora-r32-qkvud`)."""
         return self.type
+
+    def planned_parameters(self, layout: FamilyLayout, shape: ModelShape) -> int:
+        """About how many parameters this adapter trains on a model of `shape` in family `layout`,
+        without torch or weights; a `ConfigError` on the field (`adapter.rank`, `adapter.placement`)
+        when the model cannot take it. Every method's config defines it: this default refuses."""
+        raise ConfigError(None, "adapter.type",
+                          f"adapter type {self.type!r} cannot be checked before it runs: its config "
+                          f"{type(self).__name__} defines no planned_parameters(layout, shape)")
 
 
 class BottleneckOptions(AdapterConfig):
@@ -99,6 +113,21 @@ class BottleneckOptions(AdapterConfig):
     def short_name(self) -> str:
         return "-".join([self.type, f"b{self.bottleneck}", placement_tag(self.placement), *self.option_tags()])
 
+    def bottleneck_parameters(self, layout: FamilyLayout, shape: ModelShape,
+                              linear_site: Callable[[str, int, int], tuple[int, int]]) -> int:
+        """`planned_parameters` of a bottleneck b at each slot: b (d_in + d_out) per site and block, for
+        a sublayer its input and output sizes, for a linear role the sizes `linear_site(role, d_in,
+        d_out)` gives (the method's own: what its adapter reads and writes there)."""
+        roles = resolve_linear_roles(layout, [s for s in self.placement if s not in SUBLAYERS])
+        sites = [(sub, *sublayer_dims(layout, shape, sub)) for sub in self.placement if sub in SUBLAYERS]
+        sites += [(role, *linear_site(role, *shape.dims[role])) for role in roles]
+        for where, d_in, d_out in sites:
+            if self.bottleneck >= min(d_in, d_out):
+                raise ConfigError(None, "adapter.bottleneck",
+                                  f"bottleneck {self.bottleneck} is not smaller than the dimension it compresses "
+                                  f"({min(d_in, d_out)} at {where} of {layout.name})")
+        return sum(self.bottleneck * (d_in + d_out) for _, d_in, d_out in sites) * shape.layers
+
 
 # --- series ----------------------------------------------------------------------------------------
 
@@ -127,6 +156,15 @@ class SeriesConfig(BottleneckOptions):
 
     def option_tags(self) -> list[str]:
         return [*super().option_tags(), *([] if self.residual else ["nores"])]
+
+    def planned_parameters(self, layout: FamilyLayout, shape: ModelShape) -> int:
+        return self.bottleneck_parameters(layout, shape, _series_site)
+
+
+def _series_site(role: str, d_in: int, d_out: int) -> tuple[int, int]:
+    """A series adapter at a linear acts on the hidden side: the input of q, k, v, gate, up, else the output."""
+    size = d_in if role in ("q", "k", "v", "qkv", "gate", "up") else d_out
+    return size, size
 
 
 # --- parallel --------------------------------------------------------------------------------------
@@ -167,6 +205,10 @@ class ParallelConfig(BottleneckOptions):
         name = super().short_name()
         return name if self.form == "linear" else name.replace("parallel-", f"parallel-{self.form}-", 1)
 
+    def planned_parameters(self, layout: FamilyLayout, shape: ModelShape) -> int:
+        # Beside a linear, f reads its input and writes its output.
+        return self.bottleneck_parameters(layout, shape, lambda role, d_in, d_out: (d_in, d_out))
+
 
 # --- prefix ----------------------------------------------------------------------------------------
 
@@ -180,6 +222,12 @@ class PrefixConfig(AdapterConfig):
 
     def short_name(self) -> str:
         return f"prefix-v{self.virtual_tokens}" + ("-mlp" if self.reparametrize else "")
+
+    def planned_parameters(self, layout: FamilyLayout, shape: ModelShape) -> int:
+        """n key and value vectors per block; reparametrised, an MLP hidden -> prefix_hidden -> 2 hidden L."""
+        d, n_layers = shape.hidden, shape.layers
+        mlp = self.prefix_hidden * (d + 2 * d * n_layers) if self.reparametrize else 0
+        return self.virtual_tokens * 2 * d * n_layers + mlp
 
 
 # --- lora ------------------------------------------------------------------------------------------
@@ -205,6 +253,20 @@ class LoraConfig(AdapterConfig):
     def short_name(self) -> str:
         return f"lora-r{self.rank}-{placement_tag(list(self.placement))}"
 
+    def planned_parameters(self, layout: FamilyLayout, shape: ModelShape) -> int:
+        """r (d_in + d_out) per linear and block; `attn` and `mlp` stand for those of their linears the family has."""
+        roles = expand_sublayers(self.placement)
+        if any(s in SUBLAYERS for s in self.placement):
+            roles = [r for r in roles if layout.has(r)]
+        total = 0
+        for role in resolve_linear_roles(layout, roles):
+            d_in, d_out = shape.dims[role]
+            if self.rank > min(d_in, d_out):
+                raise ConfigError(None, "adapter.rank", f"rank {self.rank} exceeds the layer {role} "
+                                                        f"({d_in} -> {d_out}) of {layout.name}")
+            total += self.rank * (d_in + d_out)
+        return total * shape.layers
+
 
 # --- mosa ------------------------------------------------------------------------------------------
 
@@ -221,6 +283,10 @@ class MosaConfig(BottleneckOptions):
         """The config of the dense adapter the parts merge into: the base method, the same options."""
         shared = self.model_dump(include=set(BottleneckOptions.model_fields) - {"type"})
         return SeriesConfig(**shared) if self.base == "series" else ParallelConfig(**shared)
+
+    def planned_parameters(self, layout: FamilyLayout, shape: ModelShape) -> int:
+        """As its dense adapter: the N parts are masks over one bottleneck of the dense adapter's sizes."""
+        return self.dense().planned_parameters(layout, shape)
 
     def short_name(self) -> str:
         tags = [*self.option_tags(), *([f"cw{self.consistency_weight:g}"] if self.consistency_weight else [])]

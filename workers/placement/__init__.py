@@ -11,6 +11,7 @@ from workers.placement.families import (
     resolve_linear_roles,
     sublayer_targets,
 )
+from workers.placement.shape import ModelShape, sublayer_dims
 from workers.placement.slots import LINEAR_ROLES, SLOTS, SUBLAYERS, LinearRole, Slot, Sublayer
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "FamilyLayout",
     "LinearRole",
     "LinearTarget",
+    "ModelShape",
     "Slot",
     "Sublayer",
     "SublayerTarget",
@@ -28,5 +30,6 @@ __all__ = [
     "family_for",
     "linear_targets",
     "resolve_linear_roles",
+    "sublayer_dims",
     "sublayer_targets",
 ]
