@@ -250,6 +250,16 @@ def test_out_of_memory_is_classified(workdir: Path, tmp_path: Path, monkeypatch)
     assert "Tried to allocate 2.00 GiB" in result.error and "no CUDA device" in result.error
 
 
+def test_a_model_the_host_cannot_hold_is_recorded_as_oom(workdir: Path, tmp_path: Path) -> None:
+    # A real allocation failure, not a planted one: a 10^11-word embedding of width 64 is 25.6 TB.
+    spec = spec_for(workdir)
+    spec["model_overrides"] = {"vocab_size": 10**11}
+    tracker = MemoryTracker()
+    result = run_trial(parse_trial_spec(spec), tracker, tmp_path / "ckpt")
+    assert result.status == TrialStatus.OOM and tracker.status == TrialStatus.OOM
+    assert result.error.startswith("out of memory: ") and "can't allocate memory" in result.error
+
+
 def test_secrets_never_reach_params(tmp_path: Path) -> None:
     flat = flatten_params({"model": "org/m", "hub": {"token": "hf_abcdefghijklmnopqrstuvwx", "user": "ann"},
                            "tracking": {"uri": "postgresql://bob:s3cret@db:5432/ml"},

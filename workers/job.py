@@ -93,6 +93,15 @@ def _memory_figures() -> str:
             f" GiB, free {free / 2**30:.2f} of {total / 2**30:.2f} GiB")
 
 
+# What torch's CPU allocator says when the host has no memory left (it raises a plain RuntimeError).
+_CPU_OOM = "DefaultCPUAllocator: can't allocate memory"
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a device or host allocation that did not fit."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and _CPU_OOM in str(exc))
+
+
 def one_line(exc: BaseException) -> str:
     """`Type: message` of an error; where it was raised when it has no message (`StopIteration`)."""
     text = str(exc).strip().splitlines()
@@ -115,7 +124,8 @@ def run_trial(
 
     The spec's parameters are logged first, before anything that can fail, so every run can be told
     apart by them. User errors (`ConfigError`) propagate after the run is marked failed; CUDA running
-    out of memory is reported as OOM with the memory figures and is not retried.
+    out of memory
+    (a GPU's or the host's) is reported as OOM with the memory figures and is not retried.
     """
     checkpoint_dir = Path(checkpoint_dir)
     info = provenance()
@@ -123,11 +133,6 @@ def run_trial(
     try:
         check_resumable(spec, checkpoint_dir)
         return _run(spec, tracker, checkpoint_dir, info, report, should_stop)
-    except torch.OutOfMemoryError as exc:
-        error = f"out of memory: {str(exc).splitlines()[0]} ({_memory_figures()})"
-        tracker.set_tags({ERROR_TAG: error[:5000]})
-        tracker.finish(TrialStatus.OOM)
-        return TrialResult(TrialStatus.OOM, {}, error=error)
     except KeyboardInterrupt:
         tracker.finish(TrialStatus.CANCELLED)
         return TrialResult(TrialStatus.CANCELLED, {}, error="interrupted")
@@ -136,6 +141,11 @@ def run_trial(
         tracker.finish(TrialStatus.FAILED)
         raise
     except Exception as exc:
+        if out_of_memory(exc):
+            error = f"out of memory: {str(exc).splitlines()[0]} ({_memory_figures()})"
+            tracker.set_tags({ERROR_TAG: error[:5000]})
+            tracker.finish(TrialStatus.OOM)
+            return TrialResult(TrialStatus.OOM, {}, error=error)
         error = "".join(traceback.format_exception(exc))
         tracker.set_tags({ERROR_TAG: error[-5000:]})
         tracker.finish(TrialStatus.FAILED)
