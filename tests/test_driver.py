@@ -214,7 +214,7 @@ def test_dry_run_lists_the_trials(tmp_path, monkeypatch, capsys) -> None:
     assert not (tmp_path / "runs").exists()
 
 
-def test_status_reads_mlflow(tmp_path, monkeypatch, capsys) -> None:
+def test_status_of_an_unknown_sweep_exits_2_naming_it(tmp_path, monkeypatch, capsys) -> None:
     code, _, err = run_cli(["status", "nope", "--storage", str(tmp_path)], monkeypatch, capsys)
     assert code == 2 and "no sweep named 'nope'" in err
 

