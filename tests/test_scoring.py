@@ -200,7 +200,6 @@ CHOICE_PAPER = [
     ("falsehood", "false"),
     ("", None),
     ("maybe", None),
-] + [
     ("true false", "true"),
     ("false true", "false"),
     ("the answer: true.", "true"),
