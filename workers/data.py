@@ -133,6 +133,30 @@ def build_train_data(
     template's text, `limit_train`, `val_set_size` and `seed`: a second call with the same inputs loads the
     tokenised Arrow files and calls the tokenizer on nothing.
     """
+    path, records = _train_records(spec)
+    records, val = _split_validation(records, spec.val_set_size, seed, path)
+    cache = Path(cache_dir or Path.home() / ".cache" / "adaptune" / "tokenised")
+    cache.mkdir(parents=True, exist_ok=True)
+    key = _cache_key(path, tokenizer, spec, seed)
+    train = _tokenise(records, tokenizer, spec, cache / f"{key}-train")
+    if len(train) == 0:
+        raise ConfigError(
+            str(path), "data.cutoff_len",
+            f"no training example has a response token within cutoff_len {spec.cutoff_len}",
+        )
+    val_tok = _tokenise(val, tokenizer, spec, cache / f"{key}-val") if val is not None else None
+    stats = {
+        "train_file": str(path),
+        "train_examples": len(train),
+        "val_examples": len(val_tok) if val_tok is not None else 0,
+        "dropped_after_cutoff": len(records) - len(train),
+        "train_tokens": int(sum(train["length"])),
+    }
+    return TrainData(train=train, val=val_tok, stats=stats)
+
+
+def _train_records(spec: DataSpec) -> tuple[Path, datasets.Dataset]:
+    """The training file of `spec` and its records, checked for leakage, cut to `limit_train`."""
     if spec.train is None:
         raise ConfigError(None, "data.train", "no training set given")
     root = data_root(spec.data_root)
@@ -142,47 +166,42 @@ def build_train_data(
         check_leakage(records, spec.eval, root, path)
     if spec.limit_train is not None:
         records = records.select(range(min(spec.limit_train, len(records))))
+    return path, records
 
-    val = None
-    if spec.val_set_size > 0:
-        if spec.val_set_size >= len(records):
-            raise ConfigError(
-                str(path), "data.val_set_size",
-                f"{spec.val_set_size} validation examples asked of {len(records)} training records",
-            )
-        split = records.train_test_split(test_size=spec.val_set_size, shuffle=True, seed=seed)
-        records, val = split["train"], split["test"]
 
-    cache = Path(cache_dir or Path.home() / ".cache" / "adaptune" / "tokenised")
-    cache.mkdir(parents=True, exist_ok=True)
-    key = _fingerprint(
+def _split_validation(
+    records: datasets.Dataset, val_set_size: int, seed: int, path: Path
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train, validation): `val_set_size` records drawn at random by `seed`, none when it is 0."""
+    if val_set_size <= 0:
+        return records, None
+    if val_set_size >= len(records):
+        raise ConfigError(
+            str(path), "data.val_set_size",
+            f"{val_set_size} validation examples asked of {len(records)} training records",
+        )
+    split = records.train_test_split(test_size=val_set_size, shuffle=True, seed=seed)
+    return split["train"], split["test"]
+
+
+def _cache_key(path: Path, tokenizer: PreTrainedTokenizerBase, spec: DataSpec, seed: int) -> str:
+    """What the tokenised sets depend on: the file's bytes, the tokenizer, the template and the split."""
+    return _fingerprint(
         hashlib.sha256(path.read_bytes()).hexdigest(), _tokenizer_fingerprint(tokenizer), spec.cutoff_len,
         spec.train_on_inputs, training_prompt("{i}", "{n}", "{o}", spec.template),
         training_prompt("{i}", None, "{o}", spec.template), spec.limit_train, spec.val_set_size, seed,
     )
 
-    def tokenise(ds: datasets.Dataset, part: str) -> datasets.Dataset:
-        fn = lambda r: tokenize_example(r, tokenizer, spec.cutoff_len, spec.train_on_inputs, spec.template)  # noqa: E731
-        out = ds.map(fn, remove_columns=ds.column_names, cache_file_name=str(cache / f"{key}-{part}.arrow"))
-        # An example whose labels are all masked (a prompt longer than the cutoff) teaches nothing.
-        return out.filter(lambda r: any(x != -100 for x in r["labels"]),
-                          cache_file_name=str(cache / f"{key}-{part}-kept.arrow"))
 
-    train = tokenise(records, "train")
-    if len(train) == 0:
-        raise ConfigError(
-            str(path), "data.cutoff_len",
-            f"no training example has a response token within cutoff_len {spec.cutoff_len}",
-        )
-    val_tok = tokenise(val, "val") if val is not None else None
-    stats = {
-        "train_file": str(path),
-        "train_examples": len(train),
-        "val_examples": len(val_tok) if val_tok is not None else 0,
-        "dropped_after_cutoff": len(records) - len(train),
-        "train_tokens": int(sum(train["length"])),
-    }
-    return TrainData(train=train, val=val_tok, stats=stats)
+def _tokenise(
+    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, spec: DataSpec, stem: Path
+) -> datasets.Dataset:
+    """`ds` tokenised by `tokenize_example` (cached in `<stem>.arrow`), less the examples without a label token
+    (cached in `<stem>-kept.arrow`)."""
+    fn = lambda r: tokenize_example(r, tokenizer, spec.cutoff_len, spec.train_on_inputs, spec.template)  # noqa: E731
+    out = ds.map(fn, remove_columns=ds.column_names, cache_file_name=f"{stem}.arrow")
+    # An example whose labels are all masked (a prompt longer than the cutoff) teaches nothing.
+    return out.filter(lambda r: any(x != -100 for x in r["labels"]), cache_file_name=f"{stem}-kept.arrow")
 
 
 # --- batches --------------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from workers.scoring import extract, is_correct
 from workers.tasks import Task, is_custom, task, task_file
 
 if TYPE_CHECKING:
+    import datasets
+
     from workers.spec import EvalSpec
 
 
@@ -67,6 +69,115 @@ def _bucket(length: int) -> int:
     return -(-length // CACHE_BUCKET) * CACHE_BUCKET
 
 
+@dataclass
+class _GreedyDecoder:
+    """What stays fixed over the batches of one `generate_greedy` call.
+
+    `kv` is the one preallocated `StaticCache` of (batch_size, total) slots, reset for every batch, or
+    None for the dynamic protocol (a fresh `DynamicCache` per batch, finished rows dropped from it).
+    """
+
+    model: PreTrainedModel
+    step_call: Callable  # the model, or its compiled call for the one-token decoding steps
+    kv: StaticCache | None
+    total: int  # the static cache's length: longest prompt + max_new_tokens, bucketed
+    batch_size: int
+    max_new_tokens: int
+    eos: int | None
+    pad: int | None
+    stop_at_eos: bool
+    with_positions: bool
+    last_only: dict[str, int]
+    device: torch.device
+
+    @property
+    def static(self) -> bool:
+        return self.kv is not None
+
+    def batch(self, encoded: Sequence[list[int]], rows: list[int]) -> list[list[int]]:
+        """The continuations of `encoded[i]` for `i` in `rows`, EOS and what follows it cut off.
+
+        A static batch is filled up to `batch_size` with copies of its last row, so every batch has one shape.
+        """
+        filled = rows + [rows[-1]] * (self.batch_size - len(rows)) if self.static else rows
+        width = max(len(encoded[i]) for i in rows)
+        ids, mask = _left_pad(encoded, filled, width, self.total if self.static else width, self.pad)
+        if self.static:
+            self.kv.reset()
+        steps, n_steps = self._decode(ids.to(self.device), mask.to(self.device))
+        return [self._until_eos(seq) for seq in steps[: len(rows), :n_steps].tolist()]
+
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Greedy steps on one left-padded batch: the (B, max_new_tokens) token table and the steps taken.
+
+        Step t feeds the last chosen token at position p_t = p_{t-1} + 1 (the prompt's own positions
+        count real tokens only: p = cumsum(mask) - 1) and takes x_{t+1} = argmax_v logits_t[v].
+        """
+        n, width = ids.shape
+        positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+        past = self.kv if self.static else DynamicCache(config=self.model.config)
+        active = torch.arange(n, device=self.device)  # the batch's rows still decoding
+        steps = torch.full((n, self.max_new_tokens), self.pad, dtype=torch.long, device=self.device)
+        step_ids, call, n_steps = ids, self.model, 0
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        for step in range(self.max_new_tokens):
+            nxt = self._last_logits(call, step_ids, mask, past, positions, end=width + step).argmax(-1)
+            steps[active, step] = nxt
+            n_steps = step + 1
+            finished = nxt == self.eos if self.stop_at_eos else torch.zeros_like(nxt, dtype=torch.bool)
+            if self.static:  # fixed shapes: a finished row decodes on (its tokens after EOS are dropped)
+                done |= finished
+                if bool(done.all()):
+                    break
+            else:
+                n_finished = int(finished.sum())
+                if n_finished == len(active):
+                    break
+                if n_finished:
+                    active, nxt, mask, positions = _drop_finished(past, finished, active, nxt, mask, positions)
+            step_ids, call = nxt[:, None], self.step_call
+            if not self.static:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            positions = positions[:, -1:] + 1
+        return steps, n_steps
+
+    def _last_logits(
+        self, call: Callable, step_ids: torch.Tensor, mask: torch.Tensor, past: DynamicCache | StaticCache,
+        positions: torch.Tensor, *, end: int,
+    ) -> torch.Tensor:
+        """Logits (B, vocab) at the last position of `step_ids` (B, T), which fills cache slots [end - T, end)."""
+        kwargs = {"position_ids": positions, **self.last_only} if self.with_positions else dict(self.last_only)
+        if self.static:
+            kwargs["cache_position"] = torch.arange(end - step_ids.shape[1], end, device=self.device)
+        return call(
+            input_ids=step_ids, attention_mask=mask, past_key_values=past, use_cache=True, **kwargs
+        ).logits[:, -1]
+
+    def _until_eos(self, seq: list[int]) -> list[int]:
+        return seq[: seq.index(self.eos)] if self.stop_at_eos and self.eos in seq else seq
+
+
+def _left_pad(
+    encoded: Sequence[list[int]], rows: Sequence[int], width: int, mask_width: int, pad: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (B, width), each row's tokens right-aligned after `pad`; mask (B, mask_width), 1 from its first token on."""
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), mask_width), dtype=torch.long)
+    for r, i in enumerate(rows):
+        ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+        mask[r, width - len(encoded[i]):] = 1  # static: the free slots too (causality hides them)
+    return ids, mask
+
+
+def _drop_finished(
+    past: DynamicCache, finished: torch.Tensor, *rows: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The rows not `finished` of each tensor in `rows` (indexed on dim 0), the cache cut down to them too."""
+    keep = (~finished).nonzero()[:, 0]
+    past.batch_select_indices(keep)
+    return tuple(t[keep] for t in rows)
+
+
 @torch.no_grad()
 def generate_greedy(
     model: PreTrainedModel,
@@ -90,74 +201,38 @@ def generate_greedy(
     the whole batch is done. Both give the same tokens (tests/test_evaluate.py).
     `stop_at_eos=False` generates exactly `max_new_tokens` per prompt (benchmarks on random weights).
     """
-    device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    eos = tokenizer.eos_token_id
-    # Padded positions are masked out, so any id serves where the tokenizer has no pad token.
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    with_positions = _accepts(model, "position_ids")
-    # Only the last position's logits are needed; the full prefill logits would cost batch x width x vocab.
-    last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    static = cache == "static"
-    total = _bucket(max((len(e) for e in encoded), default=0) + max_new_tokens)
-    kv = StaticCache(config=model.config, max_cache_len=total) if static else None
-    step_call = model.get_compiled_call(compile_config) if static and compile_config is not None else model
+    decoder = _greedy_decoder(model, tokenizer, encoded, max_new_tokens, batch_size, stop_at_eos, cache, compile_config)
     outputs: list[list[int]] = [[] for _ in prompts]
-    generated = 0
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        filled = rows + [rows[-1]] * (batch_size - len(rows)) if static else rows
-        width = max(len(encoded[i]) for i in rows)
-        ids = torch.full((len(filled), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(filled), total if static else width), dtype=torch.long)
-        for r, i in enumerate(filled):
-            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[r, width - len(encoded[i]):] = 1  # static: the free slots too (causality hides them)
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-        if static:
-            kv.reset()
-        past = kv if static else DynamicCache(config=model.config)
-        active = torch.arange(len(filled), device=device)  # the batch's rows still decoding
-        steps = torch.full((len(filled), max_new_tokens), pad, dtype=torch.long, device=device)
-        step_ids, call, n_steps = ids, model, 0
-        done = torch.zeros(len(filled), dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            kwargs = {"position_ids": positions, **last_only} if with_positions else dict(last_only)
-            if static:
-                kwargs["cache_position"] = torch.arange(width + step - step_ids.shape[1], width + step, device=device)
-            logits = call(
-                input_ids=step_ids, attention_mask=mask, past_key_values=past, use_cache=True, **kwargs
-            ).logits[:, -1]
-            nxt = logits.argmax(-1)
-            steps[active, step] = nxt
-            n_steps = step + 1
-            finished = nxt == eos if stop_at_eos else torch.zeros_like(nxt, dtype=torch.bool)
-            if static:  # fixed shapes: a finished row decodes on (its tokens after EOS are dropped)
-                done |= finished
-                if bool(done.all()):
-                    break
-            else:
-                n_finished = int(finished.sum())
-                if n_finished == len(active):
-                    break
-                if n_finished:  # drop finished rows from the batch and the cache
-                    keep = (~finished).nonzero()[:, 0]
-                    past.batch_select_indices(keep)
-                    active, nxt, mask, positions = active[keep], nxt[keep], mask[keep], positions[keep]
-            step_ids, call = nxt[:, None], step_call
-            if not static:
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-            positions = positions[:, -1:] + 1
-        table = steps[: len(rows), :n_steps].tolist()
-        for r, i in enumerate(rows):
-            seq = table[r]
-            if stop_at_eos and eos in seq:
-                seq = seq[: seq.index(eos)]
+        for i, seq in zip(rows, decoder.batch(encoded, rows), strict=True):
             outputs[i] = seq
-            generated += len(seq)
-    return outputs, generated
+    return outputs, sum(len(seq) for seq in outputs)
+
+
+def _greedy_decoder(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, encoded: Sequence[list[int]], max_new_tokens: int,
+    batch_size: int, stop_at_eos: bool, cache: Literal["dynamic", "static"], compile_config: CompileConfig | None,
+) -> _GreedyDecoder:
+    """The decoder `generate_greedy`'s arguments ask for, its static cache sized for the longest of `encoded`."""
+    static = cache == "static"
+    total = _bucket(max((len(e) for e in encoded), default=0) + max_new_tokens)
+    eos = tokenizer.eos_token_id
+    return _GreedyDecoder(
+        model=model,
+        kv=StaticCache(config=model.config, max_cache_len=total) if static else None,
+        step_call=model.get_compiled_call(compile_config) if static and compile_config is not None else model,
+        total=total, batch_size=batch_size, max_new_tokens=max_new_tokens, eos=eos,
+        # Padded positions are masked out, so any id serves where the tokenizer has no pad token.
+        pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        stop_at_eos=stop_at_eos,
+        with_positions=_accepts(model, "position_ids"),
+        # Only the last position's logits are needed; the full prefill logits would cost batch x width x vocab.
+        last_only={"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {},
+        device=next(model.parameters()).device,
+    )
 
 
 @torch.no_grad()
@@ -221,39 +296,60 @@ def evaluate(
     started = time.perf_counter()
     for name in tasks:
         info = custom_task(files[name]) if is_custom(name) else task(name)
-        rows = records[name]
-        if spec.limit is not None:
-            rows = rows.select(range(min(spec.limit, len(rows))))
-        prompts = [evaluation_prompt(r["instruction"], r.get("input"), template) for r in rows]
-        budget = new_tokens(spec, info)
-        if spec.protocol == "paper":
-            ids, n = generate_paper(model, tokenizer, prompts, budget)
-        else:
-            ids, n = generate_greedy(model, tokenizer, prompts, budget, spec.batch_size)
+        res, n = _evaluate_task(model, tokenizer, info, records[name], spec, template, out_dir)
         result.generated_tokens += n
-        predictions = []
-        for index, (record, prompt, gen_ids) in enumerate(zip(rows, prompts, ids, strict=True)):
-            # The paper decodes prompt + generation and keeps what follows the first "### Response:".
-            generation = tokenizer.decode(gen_ids, skip_special_tokens=True)
-            if spec.scoring == "paper":
-                generation = generation.split("### Response:")[0].strip()
-            answer = extract(info, generation, spec.scoring)
-            gold = str(record["answer"])
-            # What a reader compares first, the long prompt last (the artifact viewer shows lines' starts).
-            predictions.append({
-                "generation": generation, "gold": gold, "correct": is_correct(info, answer, gold),
-                "extracted": answer, "id": index, "prompt": prompt,
-            })
-        correct = sum(p["correct"] for p in predictions)
-        path = None
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / f"{info.name}.jsonl"
-            _write_jsonl_atomically(path, predictions)
-        res = TaskResult(info.name, correct / len(predictions), correct, len(predictions), path)
         result.tasks[info.name] = res
         if on_progress is not None:
             on_progress(info.name, res)
     result.seconds = time.perf_counter() - started
     model.train(was_training)
     return result
+
+
+def _evaluate_task(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, info: Task, rows: datasets.Dataset,
+    spec: EvalSpec, template: Template, out_dir: Path | None,
+) -> tuple[TaskResult, int]:
+    """One task's result (its predictions written to `out_dir/<task>.jsonl` when given) and the tokens generated."""
+    if spec.limit is not None:
+        rows = rows.select(range(min(spec.limit, len(rows))))
+    prompts = [evaluation_prompt(r["instruction"], r.get("input"), template) for r in rows]
+    ids, n = _generate(model, tokenizer, prompts, new_tokens(spec, info), spec)
+    predictions = _predictions(tokenizer, info, spec, rows, prompts, ids)
+    correct = sum(p["correct"] for p in predictions)
+    path = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{info.name}.jsonl"
+        _write_jsonl_atomically(path, predictions)
+    return TaskResult(info.name, correct / len(predictions), correct, len(predictions), path), n
+
+
+def _generate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], budget: int, spec: EvalSpec
+) -> tuple[list[list[int]], int]:
+    """The continuations of `prompts` under the spec's protocol (`paper`: beam search 4, one at a time)."""
+    if spec.protocol == "paper":
+        return generate_paper(model, tokenizer, prompts, budget)
+    return generate_greedy(model, tokenizer, prompts, budget, spec.batch_size)
+
+
+def _predictions(
+    tokenizer: PreTrainedTokenizerBase, info: Task, spec: EvalSpec, rows: datasets.Dataset, prompts: list[str],
+    ids: list[list[int]],
+) -> list[dict]:
+    """One prediction line per record: the decoded generation, gold, correctness, the extracted answer."""
+    predictions = []
+    for index, (record, prompt, gen_ids) in enumerate(zip(rows, prompts, ids, strict=True)):
+        # The paper decodes prompt + generation and keeps what follows the first "### Response:".
+        generation = tokenizer.decode(gen_ids, skip_special_tokens=True)
+        if spec.scoring == "paper":
+            generation = generation.split("### Response:")[0].strip()
+        answer = extract(info, generation, spec.scoring)
+        gold = str(record["answer"])
+        # What a reader compares first, the long prompt last (the artifact viewer shows lines' starts).
+        predictions.append({
+            "generation": generation, "gold": gold, "correct": is_correct(info, answer, gold),
+            "extracted": answer, "id": index, "prompt": prompt,
+        })
+    return predictions
