@@ -89,6 +89,21 @@ def test_evaluate_writes_predictions_and_accuracies(shared_data: Path, tmp_path:
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_compiled_static_cache_evaluates_to_the_same_predictions(shared_data: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    import workers.compile
+
+    monkeypatch.setattr(workers.compile, "BACKEND", "eager")  # inductor's C++ build is for GPUs, not the suite
+    model = tiny_model("llama")
+    fast = EvalSpec(limit=5, max_new_tokens=8, batch_size=2, cache="static", compile=True)
+    plain = EvalSpec(limit=5, max_new_tokens=8, batch_size=2)  # on a CPU: dynamic, not compiled
+    for spec, out in ((fast, tmp_path / "fast"), (plain, tmp_path / "plain")):
+        evaluate(model, byte_tokenizer(), ["gsm8k", "piqa"], spec, root=shared_data, out_dir=out)
+    assert model._compiled_call is not None  # the static run did compile its decoding step
+    for name in ("gsm8k.jsonl", "piqa.jsonl"):
+        assert (tmp_path / "fast" / name).read_text() == (tmp_path / "plain" / name).read_text()
+
+
 def test_paper_protocol_runs_beam_search(shared_data: Path) -> None:
     model = tiny_model("llama")
     spec = EvalSpec(protocol="paper", limit=2, max_new_tokens=4)

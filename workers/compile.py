@@ -20,8 +20,13 @@ BACKEND = "inductor"
 
 
 def compile_enabled(setting: bool | None, on_gpu: bool) -> bool:
-    """Whether to compile: the spec's `train.compile`, or on CUDA only where it is unset."""
+    """Whether to compile: the spec's `train.compile` (or `eval.compile`), or on CUDA only where it is unset."""
     return on_gpu if setting is None else setting
+
+
+def compile_backend() -> str:
+    """The torch.compile backend in use (`BACKEND`, read when called so that `--tiny` can set it)."""
+    return BACKEND
 
 
 def compile_decoder_layers(model: nn.Module, backend: str | None = None) -> int:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from transformers import CompileConfig, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
+from workers.compile import compile_backend, compile_enabled
 from workers.data import custom_task, load_records
 from workers.names import ACCURACY_PREFIX, MACRO_ACCURACY
 from workers.prompts import Template, evaluation_prompt
@@ -331,7 +332,11 @@ def _generate(
     """The continuations of `prompts` under the spec's protocol (`paper`: beam search 4, one at a time)."""
     if spec.protocol == "paper":
         return generate_paper(model, tokenizer, prompts, budget)
-    return generate_greedy(model, tokenizer, prompts, budget, spec.batch_size)
+    on_gpu = model.device.type == "cuda"
+    cache = spec.cache or ("static" if on_gpu else "dynamic")
+    compiled = cache == "static" and compile_enabled(spec.compile, on_gpu)
+    return generate_greedy(model, tokenizer, prompts, budget, spec.batch_size, cache=cache,
+                           compile_config=CompileConfig(backend=compile_backend()) if compiled else None)
 
 
 def _predictions(
