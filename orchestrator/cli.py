@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -252,7 +253,10 @@ def ui(
         typer.echo(f"  compare: {link.compare}")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
            "--port", str(port)]
-    raise typer.Exit(subprocess.call(cmd))
+    # MLflow's job runner (GenAI jobs: trace rollups, judges) starts 4 more processes that a sweep's
+    # runs never use; set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true to have it.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 app.command()(worker_commands.trial)

@@ -102,7 +102,7 @@ def postgres(user: str = "adaptune", password: str = "pg-test-secret", database:
 
 @contextmanager
 def mlflow_server(backend_uri: str, artifacts: Path, env: dict[str, str] | None = None,
-                  timeout_s: float = 90.0, port: int | None = None) -> Iterator[str]:
+                  timeout_s: float = 180.0, port: int | None = None) -> Iterator[str]:
     """`mlflow server` on 127.0.0.1 over `backend_uri`, serving artifacts from `artifacts`; yields its URL.
 
     `port`: a given port (to restart a stopped server where its clients look for it), else a free one.
@@ -115,8 +115,9 @@ def mlflow_server(backend_uri: str, artifacts: Path, env: dict[str, str] | None 
            "--workers", "2"]
     with log_path.open("w") as log:
         # Its own process group: the server's workers are stopped with it.
+        # Without MLflow's job runner (4 huey processes for GenAI jobs that no test uses).
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+                                env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
