@@ -31,11 +31,12 @@ each beside its target, and a table on stdout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -312,14 +313,19 @@ def share_part(suite: Suite, part: str, deadline: float) -> None:
     one, _ = overlap_rates([alone], opts["warmup"])
     record["alone"] = {"tokens_per_s": round(one, 1), "peak_memory_gib": alone["peak_memory_gib"]}
     suite.save()
-    started = [suite.start(f"{part}-together-{i}", "train_unit", shape, "ours-lora", opts) for i in range(n)]
+    barrier = tempfile.mkdtemp(prefix="share-start-")  # each trial's first step ends, then all go on together
+    together = {**opts, "barrier": (barrier, n)}
+    started = [suite.start(f"{part}-together-{i}", "train_unit", shape, "ours-lora", together) for i in range(n)]
     runs = [Suite.finish(proc, path, deadline) for proc, path in started]
+    shutil.rmtree(barrier, ignore_errors=True)
     record["together"] = [{k: v for k, v in r.items() if k != "step_ends"} for r in runs]
     if all("step_ends" in r for r in runs):
-        with contextlib.suppress(ValueError):
+        try:
             total, window = overlap_rates(runs, opts["warmup"])
             record.update(aggregate_tokens_per_s=round(total, 1), window_s=round(window, 2),
                           aggregate_over_one=round(total / one, 3))
+        except ValueError as exc:
+            record["error"] = str(exc)
     suite.save()
 
 

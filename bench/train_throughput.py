@@ -177,9 +177,12 @@ def run_ours(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         })
         workers.compile.BACKEND = args.compile_backend
         windows: list[dict[str, float]] = []
+        barrier = getattr(args, "barrier", None)
 
         def on_step(metrics: dict[str, float], _: Path | None) -> None:
             if "tokens_per_s" in metrics:
+                if barrier and not windows:
+                    wait_for_all(*barrier)
                 windows.append({**metrics, "end": time.time()})
 
         result = run_trial(spec, MemoryTracker(), Path(tmp) / "trial", report=on_step)
@@ -191,6 +194,18 @@ def run_ours(args: argparse.Namespace, variant: str) -> dict[str, Any]:
             "base_params": sum(p.numel() for p in _meta_model(args.shape).parameters()),
             "first_step_s": args.batch_size * args.seq / windows[0]["tokens_per_s"],
             "step_ends": [w["end"] for w in windows], "tokens_per_step": args.batch_size * args.seq}
+
+
+def wait_for_all(folder: str, n: int, timeout_s: float = 600.0) -> None:
+    """A start line for `n` processes: say this one is ready in `folder`, wait until all `n` are.
+
+    Trials that share a device are measured where they overlap; their start-up (imports, model build,
+    the first step's compilation) takes different times, so each waits here after its first step.
+    """
+    Path(folder, str(os.getpid())).touch()
+    deadline = time.monotonic() + timeout_s
+    while len(list(Path(folder).iterdir())) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _meta_model(shape: str) -> torch.nn.Module:
