@@ -40,7 +40,7 @@ demo: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-logo --cache-dir .cache/import-linter
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 # Everything but the end-to-end tests (DeepSpeed subprocesses, torchrun, Ray, servers, kill/resume).
 test-fast: venv
