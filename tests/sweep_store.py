@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from unittest.mock import patch
 
 from test_driver import tiny_sweep
 
@@ -41,18 +42,11 @@ def build_store(folder: Path) -> str:
     uri = sweep.tracking.uri
     parent = start_parent(uri, sweep, file, points, resume=False)
     # Trials of 3 steps end within MLflow's sampling interval; a shorter one gives each run system metrics.
-    interval = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
-    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.5"
-    try:
+    with patch.dict(os.environ, {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}):
         for point in points:
             tid = trial_id(point.spec)
             tracker = MlflowTracker(uri, sweep.experiment, point.name, trial_id=tid, parent_run_id=parent)
             run_trial(point.spec, tracker, folder / "runs" / "trials" / tid)
-    finally:
-        if interval is None:
-            del os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"]
-        else:
-            os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = interval
     finish_parent(uri, parent, failed=False, metric=sweep.search.metric, mode=sweep.search.mode)
     client = MlflowClient(uri)
     for run in client.search_runs([client.get_experiment_by_name(sweep.experiment).experiment_id]):

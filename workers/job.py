@@ -123,9 +123,8 @@ def run_trial(
     """Fine-tune, evaluate and record one trial; resume from `checkpoint_dir` when it holds a checkpoint.
 
     The spec's parameters are logged first, before anything that can fail, so every run can be told
-    apart by them. User errors (`ConfigError`) propagate after the run is marked failed; CUDA running
-    out of memory
-    (a GPU's or the host's) is reported as OOM with the memory figures and is not retried.
+    apart by them. User errors (`ConfigError`) propagate after the run is marked failed; running out of
+    memory (a GPU's or the host's) is reported as OOM with the memory figures and is not retried.
     """
     checkpoint_dir = Path(checkpoint_dir)
     info = provenance()
