@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from orchestrator import mlflow_sweep
+from orchestrator import mlflow_sweep, reaper
 from orchestrator.cluster import check_address, is_uri, probe_node, single_machine_uri
 from orchestrator.environment import cluster_environment, environment, without_secrets
 from orchestrator.heartbeat import Heartbeat, driver_gone
@@ -262,6 +263,10 @@ def cluster_address(address: str | None) -> str | None:
     return None if address == "local" else address
 
 
+# The reaper of the cluster this process started, held for the life of the process (its pipe with it).
+_reapers: list[subprocess.Popen] = []
+
+
 def connect(address: str | None) -> bool:
     """Join the cluster at `address` (already checked to answer), or start a local one when None.
 
@@ -279,6 +284,7 @@ def connect(address: str | None) -> bool:
 
     spans = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
+    _reapers.append(reaper.start())  # it ends what is left of the cluster after this process
     try:
         with environment(cluster_environment(os.environ)):  # what the cluster's processes inherit
             ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
