@@ -121,8 +121,10 @@ def _worker_loop(config: dict[str, Any], ctx: Context, spec: dict[str, Any]) -> 
     point = Point.model_validate(spec)
     tid = config["trial_id"]
     tracker = _tracker(ctx, point, tid) if context.get_world_rank() == 0 else MemoryTracker()
+    # Every rank watches the driver's heartbeat; the trainer stops them all when one sees it still.
     result = run_trial(point.spec, tracker, Path(ctx.root) / "trials" / tid,
-                       report=lambda metrics, checkpoint: ray.train.report(metrics))
+                       report=lambda metrics, checkpoint: ray.train.report(metrics),
+                       should_stop=driver_gone(Path(ctx.root) / HEARTBEAT))
     _raise_unless_done(result.status, result.error, point.name)
 
 

@@ -173,6 +173,47 @@ def test_two_processes_equal_one_with_doubled_accumulation(workdir: Path, tmp_pa
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
+# Under torchrun: each rank runs this; only rank 1 is told to stop (at its third optimizer step).
+ONE_RANK_STOPS = """
+import json, os, sys
+from pathlib import Path
+from workers.job import run_trial
+from workers.spec import parse_trial_spec
+from workers.tracking import MemoryTracker
+
+rank, calls = int(os.environ["RANK"]), iter(range(1, 10**6))
+tracker = MemoryTracker()
+result = run_trial(parse_trial_spec(json.loads(Path(sys.argv[1]).read_text())), tracker, Path(sys.argv[2]),
+                   should_stop=lambda: rank == 1 and next(calls) >= 3)
+steps = [step for step, _ in tracker.metrics.get("train_loss", [])]
+Path(sys.argv[2], f"rank-{rank}.json").write_text(json.dumps({"status": result.status, "steps": steps}))
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_seen_by_one_rank_stops_every_rank_at_the_same_step(workdir: Path, tmp_path: Path) -> None:
+    """A multi-worker trial whose driver is gone: the rank that notices stops them all (no rank left
+    waiting in a collective), with one checkpoint of that step."""
+    from workers import checkpoints
+
+    spec_file = _write_spec(tmp_path / "trial.json", spec_for(workdir, epochs=2, batch_size=8, save_every=100))
+    script = tmp_path / "one_rank_stops.py"
+    script.write_text(ONE_RANK_STOPS)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(script), str(spec_file), str(tmp_path / "ckpt")]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "ckpt" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["status"] for r in ranks] == [TrialStatus.CANCELLED] * 2
+    assert ranks[0]["steps"] == [1, 2, 3]  # rank 0 logs: it stopped at rank 1's step
+    newest, skipped = checkpoints.newest_valid(tmp_path / "ckpt")
+    assert newest is not None and not skipped and newest.name == checkpoints.candidates(tmp_path / "ckpt")[0].name
+    assert int(newest.name.rsplit("-", 1)[1]) == 3
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(workdir: Path, tmp_path: Path) -> None:
     spec = spec_for(workdir, adapter=ADAPTERS["series"], epochs=12, save_every=4, log_every=4, eval_every=1000)

@@ -352,11 +352,14 @@ class Trainer:
         """Book the optimizer step just taken: its loss, its log and validation metrics, its checkpoint;
         whether `should_stop()` said to stop."""
         self.global_step += 1
-        mean_loss = self._mean_over_ranks(self.step_loss, self.step_micro)
+        # One all-reduce for the step's loss over the ranks and for whether any rank was told to stop:
+        # they stop together, at the same step, or the others would wait for it in the next collective.
+        told = should_stop is not None and should_stop()
+        loss_sum, micro_sum, told_sum = self._sum_over_ranks(self.step_loss, self.step_micro, float(told))
+        mean_loss, stop = loss_sum / micro_sum, told_sum > 0
         self.step_loss, self.step_micro = 0.0, 0
         self.losses.append((self.global_step, mean_loss))
         metrics = {**self._window_metrics(mean_loss), **self._validation_metrics()}
-        stop = should_stop is not None and should_stop()
         # Metrics go out before the checkpoint that covers their step: a crash between the
         # two replays the step on resume instead of losing its record.
         if metrics and report is not None:
