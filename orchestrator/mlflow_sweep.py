@@ -23,6 +23,7 @@ from orchestrator.sweep import Point, SweepSpec
 from workers.names import (
     ADAPTER_TAG,
     CPU_HOURS,
+    ERROR_TAG,
     GIT_SHA_TAG,
     GPU_HOURS,
     MACRO_ACCURACY,
@@ -109,6 +110,17 @@ def start_parent(uri: str, sweep: SweepSpec, file: Path, points: Sequence[Point]
 def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
     query = f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
     return client.search_runs([parent.info.experiment_id], filter_string=query, max_results=50_000)
+
+
+def out_of_memory(uri: str, parent_id: str) -> list[tuple[str, str]]:
+    """(name, the error's first line) of every trial of the sweep whose last attempt ran out of memory.
+
+    Final for the sweep: `resume` does not run it again as it stands (it would fail the same way).
+    """
+    client = mlflow_client(uri)
+    return sorted((run.info.run_name, run.data.tags.get(ERROR_TAG, "out of memory").splitlines()[0])
+                  for run in child_runs(client, client.get_run(parent_id))
+                  if run.data.tags.get(STATUS_TAG) == "OOM")
 
 
 def parent_run_id(uri: str, experiment: str, name: str) -> str | None:

@@ -429,7 +429,8 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     kept_home = environment(without_secrets(os.environ)) if started_here else contextlib.nullcontext()
     with Heartbeat(root / HEARTBEAT), kept_home, _quiet_tune():
         results = tuner.fit()
-    failed = failures(results)
+    # A trial out of memory is no Tune error (resume would retry it blindly), but the sweep did not finish it.
+    failed = sorted(failures(results) + mlflow_sweep.out_of_memory(uri, parent))
     rows = mlflow_sweep.finish_parent(uri, parent, failed=bool(failed), metric=sweep.search.metric,
                                       mode=sweep.search.mode)
     return rows, failed

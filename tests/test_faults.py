@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from clirunner import run_cli
 from mlflow import MlflowClient
 from test_driver import _runs, tiny_sweep
@@ -108,6 +109,36 @@ def test_a_sweep_run_again_with_new_gets_its_own_children(ray_local, tmp_path: P
     assert [r.info.run_id for r in _children(client, first.info.run_id)] == [old.info.run_id]
     code, out, _ = run_cli(["status", "again", "--storage", str(tmp_path / "runs")], monkeypatch, capsys)
     assert code == 0 and "again: FINISHED, 1 trials" in out
+
+
+@pytest.mark.slow
+def test_trials_out_of_memory_are_a_status_of_their_own_and_the_sweep_goes_on(ray_local, tmp_path: Path,
+                                                                              monkeypatch, capsys) -> None:
+    # A real allocation failure in every trial: a 10^11-word embedding of width 64 is 25.6 TB. On a cluster
+    # (--address) the door cannot weigh a node's memory, so the trials start and meet it.
+    sweep = tiny_sweep(tmp_path, "oom", TWO, train={"max_steps": 4})
+    raw = yaml.safe_load(sweep.read_text())
+    raw["base"]["model_overrides"] = {"vocab_size": 10**11}
+    sweep.write_text(yaml.safe_dump(raw))
+    address = ray_local.get_runtime_context().gcs_address
+    code, out, err = run_cli(["run", str(sweep), "--address", address], monkeypatch, capsys)
+    assert code == 1 and "failed: 2 trials" in err, (out, err)
+    for name in ("lora-r4-qv", "lora-r4-ud"):
+        assert f"{name}  out of memory: " in err and f"{name:<40} OOM" in out
+    _, parent, children = _runs(tmp_path, "oom")
+    assert sorted((r.info.run_name, r.data.tags[STATUS_TAG]) for r in children) == [("lora-r4-qv", "OOM"),
+                                                                                    ("lora-r4-ud", "OOM")]
+    assert parent.info.status == "FAILED" and parent.data.metrics["trials_oom"] == 2
+    assert all(r.data.params["adapter.rank"] == "4" for r in children)  # params come before anything can fail
+    code, out, _ = run_cli(["status", "oom", "--storage", str(tmp_path / "runs")], monkeypatch, capsys)
+    assert code == 0 and out.count("OOM") >= 2, out
+    # Final: resume does not run them again (the same memory would fail the same way), and says so again.
+    started = sorted(r.info.start_time for r in children)
+    code, _, err = run_cli(["resume", "oom", "--storage", str(tmp_path / "runs"), "--address", address],
+                           monkeypatch, capsys)
+    assert code == 1 and "failed: 2 trials" in err
+    _, _, again = _runs(tmp_path, "oom")
+    assert sorted(r.info.start_time for r in again) == started
 
 
 def _children(client: MlflowClient, parent_id: str):
