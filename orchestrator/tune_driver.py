@@ -265,8 +265,8 @@ def cluster_address(address: str | None) -> str | None:
     return None if address == "local" else address
 
 
-# The reaper of the cluster this process started, held for the life of the process (its pipe with it).
-_reapers: list[subprocess.Popen] = []
+# The reaper of what this process starts (its clusters), one for the life of the process.
+_reaper: list[subprocess.Popen] = []
 
 
 def connect(address: str | None) -> bool:
@@ -286,7 +286,8 @@ def connect(address: str | None) -> bool:
 
     spans = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
-    _reapers.append(reaper.start())  # it ends what is left of the cluster after this process
+    if not _reaper:  # it ends what is left of the cluster after this process
+        _reaper.append(reaper.start())
     try:
         with environment(cluster_environment(os.environ)):  # what the cluster's processes inherit
             ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
