@@ -23,7 +23,7 @@ from test_driver import _runs, tiny_sweep
 from workers.job import run_trial
 from workers.names import ERROR_TAG, STATUS_TAG
 from workers.spec import parse_trial_spec
-from workers.tracking import MlflowTracker, TrialStatus
+from workers.tracking import MlflowTracker, TrackingOutage, TrialStatus
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -203,6 +203,11 @@ def test_a_tracking_outage_is_spooled_and_replayed_into_the_clean_record(tmp_pat
         t.set_tags({"adaptune.adapter": "lora"})
     assert time.monotonic() - started < 30
     assert len(Spool(tmp_path / "live", live.run_id).pending()) == 4
+    # `crashed` outlives its allowed outage and fails as `run_trial` fails a trial: that end waits on disk too.
+    crashed.max_outage_s = 0.0
+    with pytest.raises(TrackingOutage):
+        crashed.set_tags({ERROR_TAG: "TrackingOutage: the tracking store has not answered"})
+        crashed.finish(TrialStatus.FAILED)
     # A trial that starts in the outage waits for the store instead of failing.
     late: list[MlflowTracker] = []
     starting = threading.Thread(target=lambda: late.append(tracker(url, "late")))
@@ -224,6 +229,7 @@ def test_a_tracking_outage_is_spooled_and_replayed_into_the_clean_record(tmp_pat
             run = client.get_run(t.run_id)
             assert run.info.status == "FINISHED" and run.data.params == {"train.lr": "0.1"}
             assert run.data.tags["adaptune.adapter"] == "lora"
+            assert ERROR_TAG not in run.data.tags and STATUS_TAG not in run.data.tags  # the failed attempt's end
             assert _history(client, t.run_id) == clean
         assert not list(tmp_path.glob("*/*.jsonl"))
 
