@@ -5,7 +5,8 @@ A trial that needs one worker calls `run_trial` inside its own Tune trial and re
 `TorchTrainer` whose workers call `run_trial`; rank 0's reports reach Tune through
 `TuneReportCallback`. Trials keep their checkpoints under `<storage>/<sweep>/trials/<trial id>`, so
 a restored experiment resumes each unfinished trial where it stopped and never re-runs a finished
-one (its `summary.json` is there).
+one (its `summary.json` is there); a finished one whose record still waits in its tracking spool (the
+store was down for longer than the trial waited) delivers it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from workers.names import (
 )
 from workers.redaction import redact, redact_text
 from workers.spec import trial_id
+from workers.spool import undelivered
 from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus
 
 
@@ -135,6 +137,9 @@ def trial_function(config: dict[str, Any], ctx: Context) -> None:
     folder = Path(ctx.root) / "trials" / tid
     summary = folder / "result" / SUMMARY_FILE
     if summary.is_file():
+        if undelivered(folder / SPOOL):
+            # It finished, and failed waiting for a store that stayed down: its record, from the spool.
+            _tracker(ctx, point, tid).finish(TrialStatus.SUCCEEDED)
         tune.report(_final_metrics(summary))
         return
     if ctx.workers == 1:

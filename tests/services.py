@@ -102,17 +102,18 @@ def postgres(user: str = "adaptune", password: str = "pg-test-secret", database:
 
 @contextmanager
 def mlflow_server(backend_uri: str, artifacts: Path, env: dict[str, str] | None = None,
-                  timeout_s: float = 180.0, port: int | None = None) -> Iterator[str]:
+                  timeout_s: float = 180.0, port: int | None = None, workers: int = 2) -> Iterator[str]:
     """`mlflow server` on 127.0.0.1 over `backend_uri`, serving artifacts from `artifacts`; yields its URL.
 
     `port`: a given port (to restart a stopped server where its clients look for it), else a free one.
+    `workers`: its worker processes; each imports MLflow as it starts (seconds of CPU on a loaded runner).
     """
     port = port or free_port()
     artifacts.mkdir(parents=True, exist_ok=True)
     log_path = artifacts.parent / f"mlflow-server-{port}.log"
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", backend_uri, "--serve-artifacts", "--artifacts-destination", str(artifacts),
-           "--workers", "2"]
+           "--workers", str(workers)]
     with log_path.open("w") as log:
         # Its own process group: the server's workers are stopped with it.
         # Without MLflow's job runner (4 huey processes for GenAI jobs that no test uses).

@@ -215,6 +215,53 @@ def test_a_call_the_store_refuses_for_good_is_dropped_and_raised(tmp_path: Path)
     assert [c["n"] for c in spool.pending()] == [2]
 
 
+@pytest.mark.filterwarnings("ignore:`report` is meant")  # Tune's report, called here outside a Tune session
+def test_a_finished_trial_whose_record_waited_on_disk_delivers_it_when_resumed(tmp_path: Path, store: str,
+                                                                              monkeypatch) -> None:
+    """A trial that finished while the store was down, and failed waiting for it longer than `max_outage_s`,
+    is not re-run by `resume` (its summary.json is there); its record is delivered from its spool then,
+    and the run ends FINISHED with every step, without the failed wait's end (it was left STOPPED)."""
+    import json
+
+    from mlflow import MlflowClient
+    from services import free_port
+    from test_driver import tiny_sweep
+
+    from orchestrator.mlflow_sweep import close_stragglers
+    from orchestrator.sweep import experiment_dir, load_sweep
+    from orchestrator.tune_driver import Context, _tracker, trial_function
+    from workers.names import ERROR_TAG, SPOOL, STATUS_TAG, SUMMARY_FILE
+    from workers.spec import trial_id
+    from workers.spool import undelivered
+    from workers.tracking import TrackingOutage, TrialStatus, mlflow_client
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # what the tracker sets, undone after the test
+    sweep, (point,) = load_sweep(tiny_sweep(tmp_path, "late", [{"type": "lora", "placement": ["q", "v"], "rank": 4}]))
+    parent, tid = _parent(store, "late"), trial_id(point.spec)
+    ctx = Context(sweep=sweep.model_dump(mode="json"), root=str(experiment_dir(sweep)), tracking_uri=store,
+                  experiment="faults", parent_run_id=parent, workers=1, use_gpu=False, cpus_per_worker=1,
+                  max_outage_s=0.0, points=(point.model_dump(mode="json"),))
+    first = _tracker(ctx, point, tid)
+    first.log_metrics({"train_loss": 1.0}, step=1)
+    first.client = mlflow_client(f"http://127.0.0.1:{free_port()}")  # the store stops answering
+    with pytest.raises(TrackingOutage):
+        first.log_metrics({"train_loss": 0.5}, step=2)
+    first.set_tags({ERROR_TAG: "TrackingOutage: the tracking store has not answered"})  # as run_trial's end
+    with pytest.raises(TrackingOutage):
+        first.finish(TrialStatus.FAILED)
+    folder = experiment_dir(sweep) / "trials" / tid
+    (folder / "result").mkdir()
+    (folder / "result" / SUMMARY_FILE).write_text(json.dumps({"metrics": {"final_train_loss": 0.5}}))
+    client = MlflowClient(store)
+    close_stragglers(client, parent)  # the sweep's end, with its store back
+
+    trial_function({"point": {"index": 0}}, ctx)  # `adaptune resume`
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and ERROR_TAG not in run.data.tags and STATUS_TAG not in run.data.tags
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss")] == [(1, 1.0), (2, 0.5)]
+    assert not undelivered(folder / SPOOL)
+
+
 # --- the driver's heartbeat -----------------------------------------------------------------------------------
 
 def test_a_trial_notices_a_still_heartbeat_and_not_a_beating_one(tmp_path: Path) -> None:

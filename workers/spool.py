@@ -18,6 +18,11 @@ from typing import Any
 Call = dict[str, Any]
 
 
+def undelivered(folder: Path) -> bool:
+    """Whether `folder` holds calls that some run's spool has not delivered (a delivered spool is removed)."""
+    return any(folder.glob("*.jsonl"))
+
+
 class Spool:
     """The calls of one run in `folder/<run id>.jsonl`; `<run id>.sent` counts those delivered."""
 

@@ -172,10 +172,11 @@ class MlflowTracker:
     """One trial = one MLflow run, found again by its `adaptune.trial_id` tag when the trial resumes.
 
     A trial of a sweep is looked up only under its sweep's parent run: a sweep started anew has
-    runs of its own. On re-attaching, the tags of the previous attempt's end (`adaptune.status`,
-    `adaptune.error`) are removed, so the run describes its last attempt; metric points at steps
-    already logged are skipped: a resumed trial recomputes them identically, and the run keeps one
-    continuous history. OOM is recorded as `adaptune.status=OOM` on a FAILED run.
+    runs of its own. On re-attaching, what the previous attempt could not deliver is delivered, then
+    the tags of its end (`adaptune.status`, `adaptune.error`) are removed, so the run describes its
+    last attempt; metric points at steps already logged are skipped: a resumed trial recomputes them
+    identically, and the run keeps one continuous history. OOM is recorded as `adaptune.status=OOM`
+    on a FAILED run.
 
     With a `spool_dir`, every call is written ahead to a `Spool` there and delivered in order: while
     the store is unreachable the trial trains on and its calls wait on disk (retried every few
@@ -218,7 +219,8 @@ class MlflowTracker:
         if spool_dir is not None:
             self._spool = Spool(spool_dir, self.run_id)
         if self.resumed:
-            self._flush(wait=True)  # what the last attempt could not deliver, before anything new
+            self._flush(wait=True)  # what the last attempt could not deliver, its end included, before anything new
+            self._retry(self._reopen)
             self._logged_to = self._retry(self._steps_logged)
         self._monitor = None
         if system_metrics:
@@ -230,7 +232,7 @@ class MlflowTracker:
 
     def _attach(self, uri: str, experiment: str, run_name: str, trial_id: str, parent_run_id: str | None,
                 tags: Mapping[str, str]) -> Run:
-        """The trial's run: found again (and made to describe a new attempt), or created."""
+        """The trial's run: found again (`resumed`), or created."""
         self.experiment_id = experiment_id(self.client, experiment, uri)
         found = self.client.search_runs(
             [self.experiment_id], filter_string=trial_filter(trial_id, parent_run_id),
@@ -242,13 +244,20 @@ class MlflowTracker:
             if parent_run_id:
                 run_tags[PARENT_TAG] = parent_run_id
             return self.client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
-        run = found[0]
+        return found[0]
+
+    def _reopen(self) -> None:
+        """Make the found run describe a new attempt: RUNNING, without the tags of the last one's end.
+
+        After the last attempt's spool is delivered: a trial failed by an outage spooled its own end
+        (`adaptune.error`, FAILED), which must not outlive the attempt that follows.
+        """
+        run = self.client.get_run(self.run_id)
         self._params = dict(run.data.params)
-        self.client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         for key in ATTEMPT_TAGS:
             if key in run.data.tags:
-                self.client.delete_tag(run.info.run_id, key)
-        return run
+                self.client.delete_tag(self.run_id, key)
 
     def _steps_logged(self) -> dict[str, int]:
         return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
