@@ -366,6 +366,8 @@ def test_a_sweep_trains_through_an_mlflow_server_outage_into_the_clean_record(tm
     spooled = _spooled(folder)
     spooled_steps = sorted({c["step"] for c in spooled if c["op"] == "metrics" and "train_loss" in c["metrics"]})
     assert spooled_steps and spooled_steps[0] > 3, spooled
+    # The system metrics are sampled on through the outage, into the spool too.
+    assert any(key.startswith("system/") for c in spooled if c["op"] == "metrics" for key in c["metrics"])
     time.sleep(max(0.0, stopped + OUTAGE_S - time.monotonic()))
     with mlflow_server(backend, artifacts, port=port, timeout_s=300, workers=1) as url:
         down_s = time.monotonic() - stopped
@@ -381,6 +383,8 @@ def test_a_sweep_trains_through_an_mlflow_server_outage_into_the_clean_record(tm
         assert _adaptune_tags(run) == _adaptune_tags(reference)
         assert _metric_record(client, run.info.run_id) == _metric_record(MlflowClient(clean_uri), clean.run_id)
         assert [s for s, _ in _history(client, run.info.run_id)] == [*range(3, 55, 3), 56]
+        sampled = [s for s, _ in _history(client, run.info.run_id, "system/cpu_utilization_percentage")]
+        assert sampled and sampled == list(range(len(sampled))), sampled  # those of the outage too, no gap
         assert [a.path for a in MlflowClient(url).list_artifacts(run.info.run_id)] == [
             a.path for a in MlflowClient(clean_uri).list_artifacts(clean.run_id)]
     counters = {k: v for k, v in parent.data.metrics.items() if k.startswith("trials_")}

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -186,8 +187,8 @@ class MlflowTracker:
 
     Metrics of one call go in one `log_batch` request; parameters are flattened and redacted. MLflow's
     system metrics (CPU, memory, disk, network; GPU utilisation and memory where a GPU and `pynvml` are
-    present) are sampled into the run every `SYSTEM_METRICS_INTERVAL_S` seconds
-    (`MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` overrides).
+    present) are sampled every `SYSTEM_METRICS_INTERVAL_S` seconds (`MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`
+    overrides) and logged through the spool like the trial's own metrics (`workers.system_metrics`).
     """
 
     def __init__(
@@ -207,6 +208,7 @@ class MlflowTracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.client = mlflow_client(uri)
+        self._lock = threading.RLock()
         self.max_outage_s = max_outage_s
         self._outage_since: float | None = None
         self._last_try = 0.0
@@ -224,10 +226,10 @@ class MlflowTracker:
             self._logged_to = self._retry(self._steps_logged)
         self._monitor = None
         if system_metrics:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            from workers.system_metrics import SpooledSystemMetrics
 
-            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
-                                                 resume_logging=self.resumed, tracking_uri=uri)
+            self._monitor = SpooledSystemMetrics(self.log_metrics, self.run_id, uri,
+                                                 interval_s=SYSTEM_METRICS_INTERVAL_S, resumed=self.resumed)
             self._monitor.start()
 
     def _attach(self, uri: str, experiment: str, run_name: str, trial_id: str, parent_run_id: str | None,
@@ -287,11 +289,12 @@ class MlflowTracker:
             return result
 
     def _call(self, call: Call) -> None:
-        if self._spool is None:
-            self._send(call)
-            return
-        self._spool.append(call)
-        self._flush(wait=call["op"] == "finish")
+        with self._lock:  # the trial's thread and the system metrics' share the spool
+            if self._spool is None:
+                self._send(call)
+                return
+            self._spool.append(call)
+            self._flush(wait=call["op"] == "finish")
 
     def _flush(self, *, wait: bool) -> None:
         """Deliver the spooled calls; during an outage retry every RETRY_S (and block only when `wait`)."""
@@ -350,12 +353,13 @@ class MlflowTracker:
             self.set_tags(changed)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        fresh = {k: float(v) for k, v in metrics.items() if step > self._logged_to.get(k, -1)}
-        if not fresh:
-            return
-        self._call({"op": "metrics", "step": step, "time": int(time.time() * 1000), "metrics": fresh})
-        for key in fresh:
-            self._logged_to[key] = step
+        with self._lock:
+            fresh = {k: float(v) for k, v in metrics.items() if step > self._logged_to.get(k, -1)}
+            if not fresh:
+                return
+            self._call({"op": "metrics", "step": step, "time": int(time.time() * 1000), "metrics": fresh})
+            for key in fresh:
+                self._logged_to[key] = step
 
     def log_artifact(self, path: Path, name: str | None = None) -> None:
         """Log a file or a folder as artifact `name` (default: its own name) at the run's root."""
