@@ -65,6 +65,7 @@ class Reaper:
         self.driver_start = processes().get(driver, (0, -1))[1]
 
     def driver_alive(self, table: dict[int, tuple[int, int]]) -> bool:
+        """Whether the driver still runs (a zombie does not: `processes` leaves zombies out)."""
         return table.get(self.driver, (0, -2))[1] == self.driver_start
 
     def alive(self, table: dict[int, tuple[int, int]]) -> set[int]:
@@ -80,9 +81,9 @@ class Reaper:
             self.noted.setdefault(pid, table[pid][1])
         return table
 
-    def reap(self, grace_s: float = GRACE_S, give_up_s: float = GIVE_UP_S) -> list[int]:
+    def reap(self, grace_s: float = GRACE_S, give_up_s: float = GIVE_UP_S) -> None:
         """SIGTERM to every noted process still alive, SIGKILL to those left after `grace_s`, until
-        none is left or `give_up_s` has passed; the PIDs signalled."""
+        none is left or `give_up_s` has passed."""
         termed: dict[int, float] = {}
         deadline = time.monotonic() + give_up_s
         while (left := self.alive(self.look(driver_alive=False))) and time.monotonic() < deadline:
@@ -92,7 +93,6 @@ class Reaper:
                 if late or termed[pid] == now:
                     _signal(pid, signal.SIGKILL if late else signal.SIGTERM)
             time.sleep(0.2)
-        return sorted(termed)
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
