@@ -273,6 +273,11 @@ def cluster_address(address: str | None) -> str | None:
 # The reaper of what this process starts (its clusters), one for the life of the process.
 _reaper: list[subprocess.Popen] = []
 
+# Ray starts one idle worker per CPU for a new driver, without a runtime env; Tune gives every trial actor one (its
+# env_vars), so no trial ever runs in them, and on 2 cores their start only delays the trial's own worker. A RayConfig
+# entry, which Ray's processes read from their environment.
+NO_PRESTART = {"RAY_prestart_worker_first_driver": "0"}
+
 
 def connect(address: str | None) -> bool:
     """Join the cluster at `address` (already checked to answer), or start a local one when None.
@@ -294,7 +299,7 @@ def connect(address: str | None) -> bool:
     if not _reaper:  # it ends what is left of the cluster after this process
         _reaper.append(reaper.start())
     try:
-        with environment(cluster_environment(os.environ)):  # what the cluster's processes inherit
+        with environment({**NO_PRESTART, **cluster_environment(os.environ)}):  # what the cluster's processes inherit
             ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = spans

@@ -276,6 +276,7 @@ def test_an_orphaned_trial_stops_with_a_checkpoint_and_resumes(tmp_path: Path) -
 
     sweep = tiny_sweep(tmp_path, "orphan", ONE, train={"epochs": 3, "save_every": 6})
     driver, trials, workers = _run_until_a_checkpoint(tmp_path, sweep, "orphan")
+    assert not _session_pids(driver.pid, "ray::IDLE"), "Ray prestarted workers that no trial uses"
     env, cmd = dict(os.environ, PYTHONPATH=str(REPO)), [sys.executable, "-m", "orchestrator.cli"]
     os.kill(driver.pid, signal.SIGKILL)  # the driver alone: its trial is an orphan
     driver.wait()
