@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from orchestrator import mlflow_sweep, reaper
+from orchestrator import reaper
 from orchestrator.cluster import check_address, is_uri, probe_node, single_machine_uri
 from orchestrator.environment import cluster_environment, environment, without_secrets
 from orchestrator.heartbeat import Heartbeat, driver_gone
@@ -49,9 +49,12 @@ from workers.names import (
     VAL_LOSS,
 )
 from workers.redaction import redact, redact_text
+from workers.results import TrialStatus
 from workers.spec import trial_id
 from workers.spool import undelivered
-from workers.tracking import MemoryTracker, MlflowTracker, TrialStatus
+
+if TYPE_CHECKING:  # mlflow's import (3 s on 2 cores) overlaps Ray's start: see `_prepare_store`
+    from workers.tracking import MlflowTracker
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ def _final_metrics(summary: Path) -> dict[str, float]:
 
 
 def _tracker(ctx: Context, point: Point, tid: str) -> MlflowTracker:
+    from workers.tracking import MlflowTracker
+
     return MlflowTracker(ctx.tracking_uri, ctx.experiment, point.name, trial_id=tid,
                          parent_run_id=ctx.parent_run_id, tags={BRANCH_TAG: str(point.branch)},
                          spool_dir=Path(ctx.root) / "trials" / tid / SPOOL, max_outage_s=ctx.max_outage_s)
@@ -117,6 +122,7 @@ def _worker_loop(config: dict[str, Any], ctx: Context, spec: dict[str, Any]) -> 
     import ray.train
 
     from workers.job import run_trial  # the worker imports torch; the driver never does
+    from workers.tracking import MemoryTracker
 
     context = ray.train.get_context()
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
@@ -398,6 +404,14 @@ def _tune_config(sweep: SweepSpec, points: list[Point], concurrency: int) -> tup
     return space, tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrency, reuse_actors=True)
 
 
+def _prepare_store(uri: str, experiment: str) -> None:
+    """The store's tables and experiment, and mlflow's own import (3 s on 2 cores): both while Ray starts, which
+    mostly waits on its processes."""
+    from orchestrator import mlflow_sweep
+
+    mlflow_sweep.prepare_store(uri, experiment)
+
+
 def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | None, resume: bool,
         progress: bool = True) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Run (or resume) a sweep to the end; returns the summary rows of its trials and its failures."""
@@ -410,9 +424,10 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     if address and not ray.is_initialized():
         check_address(address)
     with ThreadPoolExecutor(1) as pool:
-        store = pool.submit(mlflow_sweep.prepare_store, uri, sweep.experiment)  # while Ray starts
+        store = pool.submit(_prepare_store, uri, sweep.experiment)  # while Ray starts
         started_here = connect(address)
         store.result()
+    from orchestrator import mlflow_sweep
     concurrency = max_concurrent(sweep, ray.cluster_resources())
     if not started_here:  # a cluster started here is this machine, which the checks above have seen
         check_nodes(root, uri)
