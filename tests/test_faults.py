@@ -288,6 +288,7 @@ def test_an_orphaned_trial_stops_with_a_checkpoint_and_resumes(tmp_path: Path) -
         time.sleep(0.2)
     left, all_gone_after = _session_pids(driver.pid, ""), time.monotonic() - killed
     stop_group(driver, grace_s=5)  # only if the assertion below fails
+    print(f"orphan stopped {stopped_after:.1f} s after the driver's SIGKILL; all gone after {all_gone_after:.1f} s")
     assert not left, f"{len(left)} processes of the sweep outlived its driver by 60 s"
     (folder,) = trials.iterdir()
     newest = checkpoints.candidates(folder)[0]
