@@ -259,7 +259,9 @@ class Trainer:
         return self.checkpoint_dir / tag
 
     def _sum_over_ranks(self, *values: float) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+        # On the training device: NCCL, the GPU's backend, reduces no CPU tensor ("No backend type associated
+        # with device type cpu"), and the group is NCCL's on a GPU even for one rank.
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
 
