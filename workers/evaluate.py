@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from transformers import CompileConfig, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
+from workers.adapters.base import takes_static_cache
 from workers.compile import compile_backend, compile_enabled
 from workers.data import custom_task, load_records
 from workers.names import ACCURACY_PREFIX, MACRO_ACCURACY
@@ -199,7 +200,8 @@ def generate_greedy(
     `max_new_tokens` rounded up to a multiple of `CACHE_BUCKET`, the last batch filled up with
     repeated rows: every decoding step has the same shapes, so `compile_config` (a transformers
     `CompileConfig`) compiles the step once and every batch reuses it; finished rows stay until
-    the whole batch is done. Both give the same tokens (tests/test_evaluate.py).
+    the whole batch is done. Both give the same tokens (tests/test_evaluate.py); a model whose adapter
+    takes no static cache (`AdapterLayer.static_cache`: prefix tuning) decodes with the dynamic one.
     `stop_at_eos=False` generates exactly `max_new_tokens` per prompt (benchmarks on random weights).
     """
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
@@ -217,8 +219,9 @@ def _greedy_decoder(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, encoded: Sequence[list[int]], max_new_tokens: int,
     batch_size: int, stop_at_eos: bool, cache: Literal["dynamic", "static"], compile_config: CompileConfig | None,
 ) -> _GreedyDecoder:
-    """The decoder `generate_greedy`'s arguments ask for, its static cache sized for the longest of `encoded`."""
-    static = cache == "static"
+    """The decoder `generate_greedy`'s arguments ask for, its static cache sized for the longest of `encoded`;
+    the dynamic one for a model whose adapter does not take a static cache (prefix tuning)."""
+    static = cache == "static" and takes_static_cache(model)
     total = _bucket(max((len(e) for e in encoded), default=0) + max_new_tokens)
     eos = tokenizer.eos_token_id
     return _GreedyDecoder(

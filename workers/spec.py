@@ -119,7 +119,8 @@ class EvalSpec(_Section):
     limit: int | None = Field(None, gt=0, description="evaluate only the first N questions of each set")
     cache: Literal["dynamic", "static"] | None = Field(
         None, description="batched decoding's KV cache: static keeps every step's shapes (length-bucketed), "
-                          "dynamic drops finished rows; unset: static on CUDA, dynamic on a CPU")
+                          "dynamic drops finished rows; unset: static on CUDA, dynamic on a CPU; prefix tuning "
+                          "always decodes with the dynamic one")
     compile: bool | None = Field(
         None, description="compile the one-token decoding step of a static cache once, for every batch; "
                           "unset: on CUDA, not on a CPU")

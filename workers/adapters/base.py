@@ -23,6 +23,13 @@ class AdapterLayer(nn.Module):
     """
 
     base_layer_attr: ClassVar[str] = "base_layer"
+    # Whether a model holding this layer decodes right with a static (preallocated, fixed-mask) KV cache.
+    static_cache: ClassVar[bool] = True
+
+
+def takes_static_cache(model: nn.Module) -> bool:
+    """Whether every adapter layer of `model` decodes right with a static KV cache (see `AdapterLayer`)."""
+    return all(m.static_cache for m in model.modules() if isinstance(m, AdapterLayer))
 
 
 class AdapterMethod(ABC):

@@ -66,6 +66,10 @@ class PrefixEncoder(AdapterLayer):
     layout, so PEFT's prefix embedding copies over as it is.
     """
 
+    # Its n keys and values enter the cache ahead of the prompt; a static cache is sized, and its mask laid out,
+    # for the prompt alone (padded rows attended pad slots and missed the prefix: measured, other tokens).
+    static_cache = False
+
     def __init__(self, config: PretrainedConfig, spec: PrefixConfig, like: torch.Tensor) -> None:
         super().__init__()
         self.layers, self.kv_heads, self.head_dim = kv_shape(config)
