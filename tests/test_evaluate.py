@@ -240,3 +240,15 @@ def test_every_adapter_decodes_the_same_tokens_with_either_cache(method: str, fa
     for cache in ("dynamic", "static"):
         batched, _ = generate_greedy(model, tok, PROMPTS, 10, batch_size=4, stop_at_eos=False, cache=cache)
         assert batched == single, cache
+
+
+def test_calls_of_one_shape_share_the_models_static_cache_and_another_shape_replaces_it() -> None:
+    model = tiny_model("llama")
+    tok = byte_tokenizer()
+    first, _ = generate_greedy(model, tok, PROMPTS, 10, batch_size=4, stop_at_eos=False, cache="static")
+    shape, held = model._adaptune_static_cache
+    assert shape == (4, 256)
+    again, _ = generate_greedy(model, tok, PROMPTS[::-1], 10, batch_size=4, stop_at_eos=False, cache="static")
+    assert again == first[::-1] and model._adaptune_static_cache[1] is held  # reset between calls, not rebuilt
+    longer, _ = generate_greedy(model, tok, PROMPTS, 300, batch_size=4, stop_at_eos=False, cache="static")
+    assert model._adaptune_static_cache[0] == (4, 512) and [s[:10] for s in longer] == first
