@@ -211,25 +211,16 @@ def test_a_compiled_static_step_is_reused_across_batches_and_gives_the_same_toke
     assert model._compiled_call is not None  # one compiled step, kept on the model for the next call
 
 
-# One of each method, at placements every family below honours.
-ADAPTED = {
-    "lora": {"type": "lora", "placement": ["attn"], "rank": 4},
-    "series": {"type": "series", "placement": ["attn", "mlp"], "bottleneck": 8},
-    "parallel": {"type": "parallel", "placement": ["mlp"], "bottleneck": 8},
-    "mosa": {"type": "mosa", "placement": ["mlp"], "bottleneck": 8},
-    "prefix": {"type": "prefix", "virtual_tokens": 5},
-}
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", list(ADAPTED))
+@pytest.mark.parametrize("method", ["lora-attn", "series-attn-mlp", "parallel-up-down", "mosa-series-mlp", "prefix"])
 def test_every_adapter_decodes_the_same_tokens_with_either_cache(method: str, family: str) -> None:
+    from test_adapters import METHODS, adapter
+
     from workers.adapters.base import adapter_parameters
     from workers.adapters.registry import inject
-    from workers.spec import parse_trial_spec
 
     model = tiny_model(family)
-    inject(model, parse_trial_spec({"model": "unused", "adapter": ADAPTED[method]}).adapter)
+    inject(model, adapter(**METHODS[method]))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a trained adapter: not the identity of its initialisation
         for _, p in adapter_parameters(model):

@@ -6,7 +6,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -152,19 +151,24 @@ def _write_spec(path: Path, spec: dict) -> Path:
     return path
 
 
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 <args>` from the repository, on a free port; asserts it exits 0."""
+    from services import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_with_doubled_accumulation(workdir: Path, tmp_path: Path) -> None:
     spec = spec_for(workdir, epochs=1, batch_size=8, save_every=100)
     spec_file = _write_spec(tmp_path / "trial.yaml", spec)
     single = run_trial(parse_trial_spec(spec), MemoryTracker(), tmp_path / "one")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "orchestrator.cli", "trial", str(spec_file), "--tracking-uri", f"sqlite:///{tmp_path}/ml.db",
-           "--checkpoint-dir", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun("-m", "orchestrator.cli", "trial", str(spec_file), "--tracking-uri", f"sqlite:///{tmp_path}/ml.db",
+              "--checkpoint-dir", str(tmp_path / "two"))
     two = json.loads((tmp_path / "two" / "result" / "summary.json").read_text())
     assert two["metrics"]["final_train_loss"] == pytest.approx(single.metrics["final_train_loss"], rel=1e-5)
     a = load_file(str(single.adapter_dir / "adapter.safetensors"))
@@ -199,19 +203,13 @@ def test_a_stop_seen_by_one_rank_stops_every_rank_at_the_same_step(workdir: Path
     spec_file = _write_spec(tmp_path / "trial.json", spec_for(workdir, epochs=2, batch_size=8, save_every=100))
     script = tmp_path / "one_rank_stops.py"
     script.write_text(ONE_RANK_STOPS)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(script), str(spec_file), str(tmp_path / "ckpt")]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun(str(script), str(spec_file), str(tmp_path / "ckpt"))
     ranks = [json.loads((tmp_path / "ckpt" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["status"] for r in ranks] == [TrialStatus.CANCELLED] * 2
     assert ranks[0]["steps"] == [1, 2, 3]  # rank 0 logs: it stopped at rank 1's step
     newest, skipped = checkpoints.newest_valid(tmp_path / "ckpt")
-    assert newest is not None and not skipped and newest.name == checkpoints.candidates(tmp_path / "ckpt")[0].name
-    assert int(newest.name.rsplit("-", 1)[1]) == 3
+    assert not skipped and newest == checkpoints.candidates(tmp_path / "ckpt")[0]
+    assert newest.name == checkpoints.tag(3)
 
 
 @pytest.mark.slow
