@@ -240,8 +240,6 @@ def ui(
     port: Annotated[int, typer.Option(help="the port on 127.0.0.1")] = 5000,
 ) -> None:
     """The MLflow UI for the store, on 127.0.0.1 only; prints each sweep's links: its runs, its trials compared."""
-    import subprocess
-
     from orchestrator.mlflow_views import sweep_links
     from workers.redaction import redact_value
 
@@ -256,7 +254,9 @@ def ui(
     # MLflow's job runner (GenAI jobs: trace rollups, judges) starts 4 more processes that a sweep's
     # runs never use; set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true to have it.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    # The UI becomes this process: a signal to `adaptune ui` reaches the server (as a child it was left running).
+    sys.stdout.flush()
+    os.execve(sys.executable, cmd, env)
 
 
 app.command()(worker_commands.trial)
