@@ -100,6 +100,18 @@ def timed(fn: Callable[[], int], device: str) -> tuple[int, float]:
     return tokens, time.perf_counter() - start
 
 
+def compile_counts() -> tuple[int, int]:
+    """(graphs dynamo has compiled, frames it gave up on and ran eagerly) in this process so far.
+
+    A timed call must add to neither: a compile inside it is warm-up counted as throughput, and a
+    frame left eager (past `torch._dynamo.config.recompile_limit`, which every shape and every
+    caller of one compiled function count against) is an eager figure labelled compiled.
+    """
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], counters["frames"]["total"] - counters["frames"]["ok"]
+
+
 def ours_compile_config(backend: str = "inductor") -> CompileConfig:
     """How ours compiles its static-cache step: transformers' settings (CUDA graphs), but a graph break
     splits the graph instead of failing the run."""
@@ -199,9 +211,11 @@ def main() -> None:
             if name in methods:
                 _, results[name]["warmup_seconds"] = timed(methods[name][1], args.device)
         # Round robin, so that a change of load on a shared machine hits every method alike.
+        before = compile_counts()
         for _ in range(args.repeats):
             for name, (_, fn) in methods.items():
                 runs[name].append(timed(fn, args.device))
+        compiled, eager = (after - b for after, b in zip(compile_counts(), before, strict=True))
     for name, row in results.items():
         row["generated_tokens"], row["seconds"] = min(runs[name], key=lambda run: run[1])
         row["tokens_per_s"] = row["generated_tokens"] / row["seconds"]
@@ -218,6 +232,7 @@ def main() -> None:
         "static_compiled": compile_static,
         "threads": torch.get_num_threads(),
         "budget": "fixed: every prompt gets max_new_tokens (random weights rarely emit EOS)",
+        "timed_calls": {"graphs_compiled": compiled, "frames_left_eager": eager},
         "methods": results,
     }
     if "ours" in results:

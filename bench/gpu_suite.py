@@ -17,7 +17,9 @@ Parts, in this order, each with a time budget in seconds (`--budget part=seconds
             `generate` with its dynamic and its static, compiled cache, at batch 1, 64 and 128; and the
             GSM8K-sized run: 1,319 test prompts (each cut to a quarter of its characters, about its
             LLaMA token count), up to 256 new tokens, stop at EOS, wall time from a cold start
-            (random weights rarely emit EOS: an upper bound). bench/eval_throughput.py's methods.
+            (random weights rarely emit EOS: an upper bound). bench/eval_throughput.py's methods. Every
+            compiled call shares one dynamo cache and its recompile limit: a timed call that compiled, or
+            that dynamo left eager, marks its row `invalid`, and no goal takes a verdict from it.
   share     N trials of a small LLaMA (110M) training at once on one device, as `gpus_per_trial: 1/N`
             places them, against one alone: aggregate tokens/s over the window in which all N ran.
 
@@ -158,9 +160,13 @@ def eval_unit(opts: dict[str, Any], save: Callable[[dict[str, Any]], None]) -> d
         with torch.no_grad():
             if name.endswith("static"):  # compiles for this batch's shapes
                 _, row["warmup_s"] = eval_throughput.timed(fn, device)
+            before = eval_throughput.compile_counts()
             tokens, seconds = eval_throughput.timed(fn, device)
+            compiled, eager = (a - b for a, b in zip(eval_throughput.compile_counts(), before, strict=True))
         row.update(prompts=batch, generated_tokens=tokens, seconds=round(seconds, 3),
                    tokens_per_s=round(tokens / seconds, 1))
+        if compiled or eager:  # not the steady state its name says: the goals take no value from it
+            row["invalid"] = f"its timed call compiled {compiled} graphs and left {eager} frames eager"
         report["methods"].setdefault(f"b{batch}", {})[name] = row
         save(report)
     return report
@@ -330,15 +336,20 @@ def share_part(suite: Suite, part: str, deadline: float) -> None:
 
 
 def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each goal's value beside its target; `met` is None where unmeasured, and always after --tiny."""
+    """Each goal's value beside its target; `met` is None where unmeasured, where the row it comes from is
+    `invalid` (its timed call compiled), and always after --tiny."""
     rows = []
     for name, part, path, target, sense in GOALS:
         value: Any = report["parts"].get(part, {})
+        invalid = None
         for key in path:
+            if isinstance(value, dict):
+                invalid = value.get("invalid", invalid)
             value = value.get(key) if isinstance(value, dict) else None
-        met = None if value is None or report["tiny"] else (value >= target if sense == "min" else value <= target)
-        rows.append({"goal": name, "value": value, "target": f"{'>=' if sense == 'min' else '<='} {target}",
-                     "met": met})
+        met = (None if value is None or invalid or report["tiny"]
+               else (value >= target if sense == "min" else value <= target))
+        row = {"goal": name, "value": value, "target": f"{'>=' if sense == 'min' else '<='} {target}", "met": met}
+        rows.append({**row, "invalid": invalid} if invalid else row)
     return rows
 
 
@@ -350,7 +361,8 @@ def table(report: dict[str, Any]) -> str:
                          f"{v.get('mfu', ''):>6}  {v.get('error', '')[:60]}")
         for batch, rows in rec.get("methods", {}).items():
             for name, v in rows.items():
-                lines.append(f"{part:9} {batch + ' ' + name:34} {v['tokens_per_s']:>10}")
+                lines.append(f"{part:9} {batch + ' ' + name:34} {v['tokens_per_s']:>10} {'':>7} {'':>6}  "
+                             f"{v.get('invalid', '')}")
         if "gsm8k" in rec:
             lines.append(f"{part:9} {'gsm8k-sized':34} {rec['gsm8k']['tokens_per_s']:>10} {'':>7} {'':>6}  "
                          f"wall {rec['gsm8k']['wall_s']} s")
@@ -362,7 +374,10 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"{part:9} {'error':34} {'':>10} {'':>7} {'':>6}  {rec['error'][:60]}")
     lines.append("")
     for g in report["goals"]:
-        unmet = "no claim (--tiny)" if report["tiny"] else "not measured"
+        if report["tiny"]:
+            unmet = "no claim (--tiny)"
+        else:
+            unmet = f"invalid: {g['invalid']}" if "invalid" in g else "not measured"
         mark = {True: "met", False: "NOT met", None: unmet}[g["met"]]
         lines.append(f"goal  {g['goal']:52} {g['value']!s:>10} {g['target']:>9}  {mark}")
     return "\n".join(lines)
