@@ -94,3 +94,13 @@ def test_a_goal_takes_no_verdict_from_a_timed_call_that_compiled() -> None:
     row["invalid"] = "its timed call compiled 1 graphs and left 0 frames eager"
     verdict = {g["goal"]: g for g in goals(report)}[name]
     assert verdict["met"] is None and verdict["invalid"] == row["invalid"] and verdict["value"] == 12_000.0
+
+
+def test_mfu_counts_the_matmuls_and_attention_of_llama_7b_but_not_its_embedding_lookup() -> None:
+    from train_throughput import describe, flops_per_token
+
+    d, ffn, layers, vocab, seq = 4096, 11008, 32, 32000, 256
+    linear = layers * (4 * d * d + 3 * d * ffn) + vocab * d  # q, k, v, o; gate, up, down; the LM head
+    assert flops_per_token("7b", seq) == 4 * linear + 12 * layers * d * seq
+    raw = {"tokens_per_s": 10_000.0, "peak_memory_bytes": 2**30, "flops_per_token": flops_per_token("7b", seq)}
+    assert describe(raw, 989.0, on_gpu=True)["mfu"] == round(26_830_962_688 * 10_000 / 989e12, 4)
