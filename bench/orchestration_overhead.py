@@ -7,12 +7,18 @@ first trial starts, inside the trials' runs, between one trial's end and the nex
 after the last (for the sweep: the parent run's summary, the report, Ray's shutdown). The sweep
 runs one trial at a time (`cpus_per_worker` = every CPU), so the difference is orchestration alone.
 
+Two passes, as a user meets them: `cold`, the first run after an install, whose every process
+compiles the Python it imports to bytecode (an install by `uv`, as `make venv`'s, compiles none;
+a machine that sets PYTHONDONTWRITEBYTECODE, as some containers do, is cold on every run); `warm`,
+every later run, with that bytecode cached. Each side keeps its bytecode in its own folder
+(PYTHONPYCACHEPREFIX; Ray's processes inherit it), empty before the cold pass.
+
     python bench/orchestration_overhead.py                 # 4 trials of a tiny random LLaMA on CPU
     python bench/orchestration_overhead.py --trials 8 --steps 8
 
 Goal (issue 6): at most 1 s per trial beyond the job itself, and the first trial started at most
-10 s after the command. `overhead_per_trial_s` spreads the once-per-sweep costs (`fixed_overhead_s`:
-Ray's start, Tune's set-up and tear-down, the report) over the trials;
+10 s after the command; judged on the warm pass. `overhead_per_trial_s` spreads the once-per-sweep
+costs (`fixed_overhead_s`: Ray's start, Tune's set-up and tear-down, the report) over the trials;
 `overhead_per_trial_beyond_fixed_s` is what each further trial adds.
 """
 
@@ -96,44 +102,60 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     return start, time.time() - start
 
 
-def measure(trials: int, steps: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        sweep_file = write_inputs(folder, trials, steps)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        loop_uri = f"sqlite:///{folder / 'loop.db'}"
-        loop_start, loop_wall = timed([sys.executable, __file__, "--loop", str(sweep_file), loop_uri,
-                                       str(folder / "loop")], env)
-        sweep_start, sweep_wall = timed([sys.executable, "-m", "orchestrator.cli", "run", str(sweep_file)], env)
-        sides = {}
-        for side, uri, start, wall in (("loop", loop_uri, loop_start, loop_wall),
-                                       ("sweep", f"sqlite:///{folder / 'sweep.db'}", sweep_start, sweep_wall)):
-            children = runs(uri)
-            if len(children) != trials:
-                raise SystemExit(f"{side}: {len(children)} MLflow runs, expected {trials}")
-            spans = sorted((r.info.start_time / 1000, r.info.end_time / 1000) for r in children)
-            gaps = [b[0] - a[1] for a, b in itertools.pairwise(spans)]
-            sides[side] = {
-                "wall_s": round(wall, 2), "per_trial_s": round(wall / trials, 2),
-                "first_trial_start_s": round(spans[0][0] - start, 2),
-                "trial_run_s": round(statistics.fmean(e - b for b, e in spans), 2),
-                "between_trials_s": round(statistics.fmean(gaps), 2) if gaps else 0.0,
-                "after_last_trial_s": round(start + wall - spans[-1][1], 2),
-            }
+def side_env(bytecode: Path) -> dict[str, str]:
+    """The environment of one side's processes: this checkout, and Python's bytecode cache in `bytecode`."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPATH": str(REPO), "PYTHONPYCACHEPREFIX": str(bytecode)}
+
+
+def one_pass(folder: Path, trials: int, steps: int, bytecode: dict[str, Path]) -> dict[str, Any]:
+    """Both sides once, each from its own sweep file and store under `folder`; their figures and the ratios."""
+    folder.mkdir()
+    sweep_file = write_inputs(folder, trials, steps)
+    loop_uri = f"sqlite:///{folder / 'loop.db'}"
+    loop_start, loop_wall = timed([sys.executable, __file__, "--loop", str(sweep_file), loop_uri,
+                                   str(folder / "loop")], side_env(bytecode["loop"]))
+    sweep_start, sweep_wall = timed([sys.executable, "-m", "orchestrator.cli", "run", str(sweep_file)],
+                                    side_env(bytecode["sweep"]))
+    sides = {}
+    for side, uri, start, wall in (("loop", loop_uri, loop_start, loop_wall),
+                                   ("sweep", f"sqlite:///{folder / 'sweep.db'}", sweep_start, sweep_wall)):
+        children = runs(uri)
+        if len(children) != trials:
+            raise SystemExit(f"{side}: {len(children)} MLflow runs, expected {trials}")
+        spans = sorted((r.info.start_time / 1000, r.info.end_time / 1000) for r in children)
+        gaps = [b[0] - a[1] for a, b in itertools.pairwise(spans)]
+        sides[side] = {
+            "wall_s": round(wall, 2), "per_trial_s": round(wall / trials, 2),
+            "first_trial_start_s": round(spans[0][0] - start, 2),
+            "trial_run_s": round(statistics.fmean(e - b for b, e in spans), 2),
+            "between_trials_s": round(statistics.fmean(gaps), 2) if gaps else 0.0,
+            "after_last_trial_s": round(start + wall - spans[-1][1], 2),
+        }
     loop_, sweep_ = sides["loop"], sides["sweep"]
     overhead = (sweep_["wall_s"] - loop_["wall_s"]) / trials
     # Paid once per sweep (Ray's start and shutdown, Tune's set-up, the report) vs. paid by every trial.
     fixed = (sweep_["first_trial_start_s"] - loop_["first_trial_start_s"]
              + sweep_["after_last_trial_s"] - loop_["after_last_trial_s"])
     return {
-        "benchmark": "orchestration_overhead", "trials": trials, "steps_per_trial": steps, "cpus": os.cpu_count(),
         "loop": loop_, "sweep": sweep_,
         "overhead_per_trial_s": round(overhead, 2),
         "fixed_overhead_s": round(fixed, 2),
         "overhead_per_trial_beyond_fixed_s": round(overhead - fixed / trials, 2),
-        "sweep_over_loop": round(sides["sweep"]["wall_s"] / sides["loop"]["wall_s"], 3),
-        "goals": {"overhead_per_trial_le_1s": overhead <= 1.0,
-                  "first_trial_start_le_10s": sides["sweep"]["first_trial_start_s"] <= 10.0},
+        "sweep_over_loop": round(sweep_["wall_s"] / loop_["wall_s"], 3),
+    }
+
+
+def measure(trials: int, steps: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        bytecode = {side: Path(tmp) / "bytecode" / side for side in ("loop", "sweep")}
+        passes = {name: one_pass(Path(tmp) / name, trials, steps, bytecode) for name in ("cold", "warm")}
+    warm = passes["warm"]
+    return {
+        "benchmark": "orchestration_overhead", "trials": trials, "steps_per_trial": steps, "cpus": os.cpu_count(),
+        **passes,
+        "goals": {"overhead_per_trial_le_1s": warm["overhead_per_trial_s"] <= 1.0,
+                  "first_trial_start_le_10s": warm["sweep"]["first_trial_start_s"] <= 10.0},
     }
 
 

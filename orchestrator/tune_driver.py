@@ -245,18 +245,32 @@ class ProgressTable(tune.Callback):
 # them (with their causes), the trial's MLflow run and Tune's `error.txt` keep the tracebacks.
 TUNE_ERROR_LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller")
 
+# How Tune runs here, read from the driver's environment while it runs:
+TUNE_SETTINGS = {
+    # The old output engine: it prints nothing of its own at `verbose=0`; the new one prints each errored trial.
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # No logger callbacks of Tune's choosing: `tune_loggers` names them. Its default TensorBoard logger imported
+    # torch into the driver (2 s of the first trial's start on 2 cores) for event files no one reads.
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+}
+
+
+def tune_loggers() -> list[tune.Callback]:
+    """Tune's own result files, which its result grid reads back (`result.json`, `progress.csv`); the record
+    is MLflow's."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
+
 
 @contextlib.contextmanager
-def _quiet_tune() -> Iterator[None]:
-    """While Tune runs: none of its own end-of-trial blocks on the terminal, which the live table replaces.
-
-    Its new output engine prints each errored trial whatever `verbose` says; the old one (`RAY_AIR_NEW_OUTPUT=0`)
-    prints nothing at `verbose=0`.
-    """
+def _tune_settings() -> Iterator[None]:
+    """While Tune runs: `TUNE_SETTINGS`, and none of its own end-of-trial blocks on the terminal, which the live
+    table replaces."""
     loggers = [logging.getLogger(name) for name in TUNE_ERROR_LOGGERS]
     levels = [logger.level for logger in loggers]
-    engine = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    saved = {name: os.environ.get(name) for name in TUNE_SETTINGS}
+    os.environ.update(TUNE_SETTINGS)
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
     try:
@@ -264,10 +278,11 @@ def _quiet_tune() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-        if engine is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT")
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = engine
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -442,7 +457,7 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     resources = ({"cpu": r.cpus_per_worker, "gpu": r.gpus_per_trial} if r.workers_per_trial == 1
                  else {"cpu": DRIVER_CPU})
     trainable = tune.with_resources(tune.with_parameters(trial_function, ctx=ctx), resources)
-    callbacks = [ProgressTable()] if progress else []
+    callbacks = [*([ProgressTable()] if progress else []), *tune_loggers()]
     run_config = tune.RunConfig(name=sweep.name, storage_path=str(root.parent), callbacks=callbacks, verbose=0)
     tuner_dir = root / "tuner.pkl"
     if resume and tuner_dir.exists():
@@ -453,7 +468,7 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     # Tune copies some of the driver's variables (AWS_*) into every trial's runtime env, which Ray logs in clear:
     # a cluster started here inherited what it needs already, so the driver holds no secret while Tune runs.
     kept_home = environment(without_secrets(os.environ)) if started_here else contextlib.nullcontext()
-    with Heartbeat(root / HEARTBEAT), kept_home, _quiet_tune():
+    with Heartbeat(root / HEARTBEAT), kept_home, _tune_settings():
         results = tuner.fit()
     # A trial out of memory is no Tune error (resume would retry it blindly), but the sweep did not finish it.
     failed = sorted(failures(results) + mlflow_sweep.out_of_memory(uri, parent))

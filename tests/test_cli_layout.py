@@ -73,6 +73,22 @@ print(codes, sorted(m for m in ("torch", "transformers", "deepspeed", "datasets"
     assert done.stdout.strip().splitlines()[-1] == "[0, 2, 0, 2] []", done.stdout + done.stderr
 
 
+@pytest.mark.slow
+def test_a_whole_sweep_imports_no_torch_into_the_driver(ws: Path) -> None:
+    """`adaptune run` to the end of a sweep, Tune and its callbacks included: torch stays in the trials'
+    processes (Tune's default TensorBoard logger imported it into the driver, 2 s of a 2-core machine's first
+    trial), and Tune still writes the result files its result grid reads."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "orchestrator.cli", "run", "sweep.yaml"],
+                          capture_output=True, text=True, timeout=600, cwd=ws,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert {"orchestrator.tune_driver", "ray.tune.logger.json"} <= imported  # the driver's imports, Tune's loggers
+    assert imported.isdisjoint({"torch", "transformers", "deepspeed", "tensorboardX"})
+    assert list((ws / "runs" / "pf").rglob("result.json"))
+    assert not list((ws / "runs" / "pf").rglob("events.out.tfevents*"))
+
+
 def _fake_nvml(monkeypatch: pytest.MonkeyPatch, count: int | None) -> None:
     """NVML that sees `count` GPUs, or (None) whose library or driver is missing."""
     nvml = types.ModuleType("pynvml")

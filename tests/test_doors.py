@@ -184,14 +184,28 @@ def test_tune_prints_no_block_of_its_own_while_it_runs(monkeypatch) -> None:
     import logging
     import os
 
-    from orchestrator.tune_driver import TUNE_ERROR_LOGGERS, _quiet_tune
+    from orchestrator.tune_driver import TUNE_ERROR_LOGGERS, _tune_settings
 
     monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
-    with _quiet_tune():
+    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+    with _tune_settings():
         assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
+        assert os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1"
         assert all(logging.getLogger(n).getEffectiveLevel() == logging.CRITICAL for n in TUNE_ERROR_LOGGERS)
     assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+    assert os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "0"
     assert all(logging.getLogger(n).level == logging.NOTSET for n in TUNE_ERROR_LOGGERS)
+
+
+def test_tune_writes_its_result_files_and_no_tensorboard_events() -> None:
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+    from ray.tune.utils.callback import _create_default_callbacks
+
+    from orchestrator.tune_driver import _tune_settings, tune_loggers
+
+    with _tune_settings():  # what Tune's fit makes of the driver's callbacks
+        kinds = [type(c) for c in _create_default_callbacks(tune_loggers())]
+    assert CSVLoggerCallback in kinds and JsonLoggerCallback in kinds and TBXLoggerCallback not in kinds
 
 
 ENV_SECRETS = {"AWS_SECRET_ACCESS_KEY": "awsSECRETaccess0123456789", "HF_TOKEN": "hf_envSECRETtoken0123456789",
