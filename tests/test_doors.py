@@ -139,6 +139,21 @@ def test_checkpoints_load_weights_only_and_keep_rng_states(tmp_path: Path, monke
     assert not (tmp_path / "code-ran").exists()
 
 
+def test_an_fp16_optimizers_dynamic_loss_scaler_loads_as_it_was_saved(tmp_path: Path) -> None:
+    """A ZeRO optimizer's state holds its loss scaler itself; in fp16 (a GPU's) the dynamic one, with its state."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from workers.safe_checkpoint import SafeCheckpointEngine
+
+    scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=1,
+                               consecutive_hysteresis=False)
+    scaler.cur_scale, scaler.cur_iter, scaler.last_overflow_iter = 2.0**15, 7, 6  # halved by an overflow at 6
+    torch.save({"loss_scaler": scaler, "step": 7}, tmp_path / "optim_states.pt")
+    loaded = SafeCheckpointEngine().load(str(tmp_path / "optim_states.pt"))["loss_scaler"]
+    assert type(loaded) is DynamicLossScaler and vars(loaded) == vars(scaler) and loaded.cur_scale == 2.0**15
+
+
 def test_the_spec_kept_beside_checkpoints_has_no_secret(tmp_path: Path) -> None:
     from workers.job import check_resumable
     from workers.spec import parse_trial_spec

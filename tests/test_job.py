@@ -125,6 +125,32 @@ def test_zero_stages_give_the_same_loss_curve(workdir: Path, tmp_path: Path) -> 
         assert _curve(workdir, tmp_path, stage) == pytest.approx(reference, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_a_stopped_trial_resumes_to_the_uninterrupted_run_at_every_zero_stage(stage: int, workdir: Path,
+                                                                              tmp_path: Path) -> None:
+    """Stopped after step 3 (with its checkpoint), then run again: the same losses and adapter as a run never
+    stopped. ZeRO-1 and 2 checkpoints hold DeepSpeed's loss scaler, which the safe loader refused: every
+    resume of such a trial failed."""
+    spec = parse_trial_spec(spec_for(workdir, zero_stage=stage, epochs=1, save_every=100))
+    straight = MemoryTracker()
+    reference = run_trial(spec, straight, tmp_path / "straight")
+    steps = iter(range(1, 100))
+    stopped = run_trial(spec, MemoryTracker(), tmp_path / "ckpt", should_stop=lambda: next(steps) >= 3)
+    assert stopped.status == TrialStatus.CANCELLED and stopped.metrics == {"step": 3}
+    resumed = MemoryTracker()
+    result = run_trial(spec, resumed, tmp_path / "ckpt")
+    assert result.status == TrialStatus.SUCCEEDED, result.error
+    after_the_stop = [(step, loss) for step, loss in straight.metrics["train_loss"] if step > 3]
+    assert [step for step, _ in resumed.metrics["train_loss"]] == [step for step, _ in after_the_stop] == [4, 5]
+    assert [loss for _, loss in resumed.metrics["train_loss"]] == pytest.approx([loss for _, loss in after_the_stop],
+                                                                               abs=1e-6)
+    a = load_file(str(result.adapter_dir / "adapter.safetensors"))
+    b = load_file(str(reference.adapter_dir / "adapter.safetensors"))
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["prefix", "lora"])
 def test_gradient_checkpointing_gives_the_same_loss_curve(method: str, workdir: Path, tmp_path: Path) -> None:
     """`train.gradient_checkpointing` on every method: prefix tuning its own way (transformers' drops the

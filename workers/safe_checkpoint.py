@@ -14,14 +14,21 @@ from typing import Any
 import numpy as np
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
+
+# The classes of DeepSpeed's a checkpoint of ours holds besides tensors: the ZeRO stage of every one; the loss
+# scaler of a ZeRO-1, 2 or 3 optimizer's state (static in fp32 and bf16, dynamic in fp16); the ZeRO-1 and 2
+# parameters' places in the flat partition. Each is plain data (numbers), and loading one runs no code of its own.
+CHECKPOINT_CLASSES = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's torch checkpoint engine, loading with `weights_only=True`."""
 
     def load(self, path: str, map_location: Any = None) -> Any:
-        with torch.serialization.safe_globals([ZeroStageEnum]):
+        with torch.serialization.safe_globals(CHECKPOINT_CLASSES):
             return torch.load(path, map_location=map_location, weights_only=True)
 
 
