@@ -243,3 +243,34 @@ def test_calls_of_one_shape_share_the_models_static_cache_and_another_shape_repl
     assert again == first[::-1] and model._adaptune_static_cache[1] is held  # reset between calls, not rebuilt
     longer, _ = generate_greedy(model, tok, PROMPTS, 300, batch_size=4, stop_at_eos=False, cache="static")
     assert model._adaptune_static_cache[0] == (4, 512) and [s[:10] for s in longer] == first
+
+
+@pytest.mark.parametrize("trained_compiled", [False, True])
+def test_the_static_caches_tensors_are_fixed_addresses_for_cuda_graphs(trained_compiled: bool) -> None:
+    """A compiled step's CUDA graphs need the cache it writes in place marked as fixed addresses; else inductor
+    skips CUDA graphs for it, without an error. transformers marks them as the cache fills at the prefill, but not
+    inside a traced region: after a trial's training through compiled decoder layers (two row lengths, as
+    batches have), the prefill ran through those layers and left the first layers' tensors unmarked."""
+    from transformers import CompileConfig
+
+    from workers.compile import compile_decoder_layers, uncompile_decoder_layers
+    from workers.loss import lm_loss
+
+    torch._dynamo.reset()
+    model = tiny_model("llama", layers=4)
+    tok = byte_tokenizer()
+    plain, _ = generate_greedy(model, tok, PROMPTS, 6, batch_size=4, stop_at_eos=False)
+    if trained_compiled:
+        compile_decoder_layers(model, backend="eager")
+        model.train()
+        for length in (9, 12):
+            ids = torch.randint(3, 259, (2, length), generator=torch.Generator().manual_seed(length))
+            lm_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}).backward()
+        model.eval()
+        uncompile_decoder_layers(model)  # as the trial does before it evaluates
+    compiled, _ = generate_greedy(model, tok, PROMPTS, 6, batch_size=4, stop_at_eos=False, cache="static",
+                                  compile_config=CompileConfig(backend="eager", fullgraph=False))
+    assert compiled == plain
+    kv = model._adaptune_static_cache[1]
+    tensors = [t for layer in kv.layers for t in (layer.keys, layer.values, layer.cumulative_length)]
+    assert len(tensors) == 12 and all(getattr(t, "_dynamo_static_input_type", None) for t in tensors)

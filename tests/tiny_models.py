@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -54,8 +56,10 @@ TINY_CONFIGS: dict[str, PretrainedConfig] = {
 FAMILIES = ("llama", "bloom", "opt", "gptj", "gpt2", "gpt_neox")
 
 
-def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
-    """A fresh tiny model of `family` in fp32 eval mode, with weights from `seed`."""
+def tiny_model(family: str, seed: int = 0, layers: int = 2) -> PreTrainedModel:
+    """A fresh tiny model of `family` in fp32 eval mode, with weights from `seed`, `layers` deep."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[family], dtype=torch.float32)
+    config = copy.deepcopy(TINY_CONFIGS[family])
+    config.num_hidden_layers = layers  # every family's name for it, or an alias of its own
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()

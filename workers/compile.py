@@ -5,8 +5,13 @@ generates one layer's kernels and reuses them L times: compile time is that of o
 the model (the PyTorch recipe "regional compilation"). Adapters inside a layer are compiled with it;
 embeddings, the LM head and the loss (workers/loss.py) stay eager.
 
-`train.compile`: `None` (the default) compiles where it pays, on CUDA, and not on a CPU, where
-inductor's C++ build costs more than a short run saves; `true` or `false` decide on any device.
+`train.compile`: `None` (the default) compiles where it pays: on CUDA, not on a CPU, where
+inductor's C++ build costs more than a short run saves, and not where the adapter makes each layer
+trace a graph of its own (`AdapterLayer.shared_layer_graph`: prefix tuning); `true` or `false`
+decide on any device.
+
+Training and validation forwards keep no KV cache (`workers.loss.lm_loss`): each layer would trace
+its own graph, on its own slot of the cache.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from workers.placement import family_for
 BACKEND = "inductor"
 
 
-def compile_enabled(setting: bool | None, on_gpu: bool) -> bool:
-    """Whether to compile: the spec's `train.compile` (or `eval.compile`), or on CUDA only where it is unset."""
-    return on_gpu if setting is None else setting
+def compile_enabled(setting: bool | None, on_gpu: bool, pays: bool = True) -> bool:
+    """Whether to compile: the spec's `train.compile` (or `eval.compile`); where it is unset, on CUDA where
+    it `pays` (one graph serves every layer)."""
+    return on_gpu and pays if setting is None else setting
 
 
 def compile_backend() -> str:
@@ -35,3 +41,15 @@ def compile_decoder_layers(model: nn.Module, backend: str | None = None) -> int:
     for layer in layers:
         layer.compile(backend=backend or BACKEND)
     return len(layers)
+
+
+def uncompile_decoder_layers(model: nn.Module) -> None:
+    """Undo `compile_decoder_layers`: every decoder layer of `model` runs eagerly again.
+
+    Training's regional compilation ends with training. Evaluation runs its prefill eagerly and compiles its
+    decoding step whole (workers/evaluate.py); through compiled layers its prefill traced each layer on its own
+    slot of the KV cache (one graph per layer, up to dynamo's recompile limit) and filled the static cache inside
+    a traced region, where transformers does not mark its tensors as the fixed addresses CUDA graphs need.
+    """
+    for layer in model.get_submodule(family_for(model.config).layers):
+        layer._compiled_call_impl = None

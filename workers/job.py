@@ -25,6 +25,7 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.adapters.registry import ParamCounts, count_parameters, inject
+from workers.compile import uncompile_decoder_layers
 from workers.data import TrainData, build_train_data
 from workers.errors import ConfigError
 from workers.evaluate import evaluate
@@ -263,6 +264,7 @@ def evaluate_trained(spec: TrialSpec, trial: Built, record: Record) -> dict[str,
     rank 0 keeps the predictions."""
     if not record.evaluates(spec):
         return {}
+    uncompile_decoder_layers(trial.trainer.engine.module)  # the evaluation compiles its own way
     result = evaluate(trial.trainer.engine.module, trial.tokenizer, spec.data.eval, spec.eval,
                       root=data_root(spec.data.data_root), out_dir=record.predictions_dir,
                       template=spec.data.template)

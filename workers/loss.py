@@ -92,21 +92,31 @@ def chunkable(model: nn.Module) -> bool:
     return isinstance(head, nn.Linear) and decoder is not model and not scaled
 
 
+def lm_loss(call: Callable[..., Any], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`call(**batch).loss`, the model's own loss (full logits), in a forward that keeps no KV cache.
+
+    A training or validation forward continues nothing. The cache a model builds by default (its
+    `use_cache`) is also what a regionally compiled layer (workers/compile.py) would specialise on, its
+    own slot of it, one graph per layer.
+    """
+    return call(**batch, use_cache=False).loss
+
+
 def causal_lm_loss(
     call: Callable[..., Any], model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = CHUNK_TOKENS
 ) -> torch.Tensor:
-    """`call(**batch).loss` (call: `model` or the DeepSpeed engine around it) without full logits.
+    """`lm_loss(call, batch)` (call: `model` or the DeepSpeed engine around it) without full logits.
 
     The model runs without labels and with `logits_to_keep=1`; a forward hook on its decoder (`get_decoder()`) takes
     the last hidden states (B, L, d), and `linear_cross_entropy` scores them against the labels
     shifted by one, as the models' own loss does. Where `chunkable(model)` is false: the plain loss.
     """
     if not chunkable(model):
-        return call(**batch).loss
+        return lm_loss(call, batch)
     captured: list[torch.Tensor] = []
     handle = model.get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
     try:
-        call(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=1)
+        call(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=1, use_cache=False)
     finally:
         handle.remove()
     if len(captured) != 1:

@@ -27,11 +27,12 @@ import torch.distributed as dist
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from workers import checkpoints
+from workers.adapters.base import shares_layer_graphs
 from workers.adapters.registry import enable_gradient_checkpointing, extra_loss
 from workers.compile import compile_decoder_layers, compile_enabled
 from workers.data import TrainData, collate, micro_batches, to_device
 from workers.errors import ConfigError
-from workers.loss import causal_lm_loss
+from workers.loss import causal_lm_loss, lm_loss
 from workers.names import PEAK_MEMORY_GB, TRAIN_LOSS, VAL_LOSS
 from workers.results import Report, TrainOutcome
 
@@ -204,7 +205,7 @@ class Trainer:
             lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, total),
         )
         engine.checkpoint_engine = SafeCheckpointEngine()  # checkpoints load with weights_only=True
-        if compile_enabled(t.compile, on_gpu):
+        if compile_enabled(t.compile, on_gpu, pays=shares_layer_graphs(engine.module)):
             compile_decoder_layers(engine.module)
         return engine, scheduler
 
@@ -283,7 +284,7 @@ class Trainer:
             chunk = rows[start:start + micro]
             examples = [[{"input_ids": ids[r[0]], "labels": labels[r[0]]}] for r in chunk]
             batch = to_device(collate(examples, self.pad_id), self.device, self.dtype)
-            total += float(self.engine(**batch).loss) * len(chunk)
+            total += float(lm_loss(self.engine, batch)) * len(chunk)
             count += len(chunk)
         self.engine.train()
         return self._mean_over_ranks(total, count)
@@ -302,7 +303,7 @@ class Trainer:
         """L = L_LM + the adapter method's extra loss (`AdapterMethod.extra_loss`), when it has one."""
         # The chunked loss reads the LM head's weight outside its forward: ZeRO-3 holds only a shard there.
         if self.spec.train.zero_stage == 3:
-            loss = self.engine(**batch).loss
+            loss = lm_loss(self.engine, batch)
         else:
             loss = causal_lm_loss(self.engine, self.engine.module, batch)
         extra = extra_loss(self.engine.module, batch, self.spec.adapter)

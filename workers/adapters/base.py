@@ -25,11 +25,19 @@ class AdapterLayer(nn.Module):
     base_layer_attr: ClassVar[str] = "base_layer"
     # Whether a model holding this layer decodes right with a static (preallocated, fixed-mask) KV cache.
     static_cache: ClassVar[bool] = True
+    # Whether every decoder layer of a model holding this layer runs one traced graph, so that compiling each
+    # layer costs the compile of one (regional compilation, workers/compile.py).
+    shared_layer_graph: ClassVar[bool] = True
 
 
 def takes_static_cache(model: nn.Module) -> bool:
     """Whether every adapter layer of `model` decodes right with a static KV cache (see `AdapterLayer`)."""
     return all(m.static_cache for m in model.modules() if isinstance(m, AdapterLayer))
+
+
+def shares_layer_graphs(model: nn.Module) -> bool:
+    """Whether `model`'s decoder layers share one traced graph with its adapter in them (see `AdapterLayer`)."""
+    return all(m.shared_layer_graph for m in model.modules() if isinstance(m, AdapterLayer))
 
 
 class AdapterMethod(ABC):

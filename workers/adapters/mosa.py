@@ -113,7 +113,7 @@ def consistency_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     multiplies it by `consistency_weight`.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    first, second = model(**inputs).logits, model(**inputs).logits
+    first, second = model(**inputs, use_cache=False).logits, model(**inputs, use_cache=False).logits
     labels = batch.get("labels")
     if labels is None:
         return symmetric_kl(first, second).mean()

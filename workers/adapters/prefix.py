@@ -69,6 +69,9 @@ class PrefixEncoder(AdapterLayer):
     # Its n keys and values enter the cache ahead of the prompt; a static cache is sized, and its mask laid out,
     # for the prompt alone (padded rows attended pad slots and missed the prefix: measured, other tokens).
     static_cache = False
+    # Each layer reads its own slot of the prefix's cache (`layers[layer_idx]`, a constant of the layer): dynamo
+    # traces every layer apart, one compile per layer, and past its recompile limit (8) the rest run eager.
+    shared_layer_graph = False
 
     def __init__(self, config: PretrainedConfig, spec: PrefixConfig, like: torch.Tensor) -> None:
         super().__init__()
