@@ -112,6 +112,14 @@ def compile_counts() -> tuple[int, int]:
     return counters["stats"]["unique_graphs"], counters["frames"]["total"] - counters["frames"]["ok"]
 
 
+def cudagraph_skips() -> int:
+    """Compiled graphs inductor has run without CUDA graphs in this process so far (a warning each, no error):
+    their figures are of the compiled kernels launched one by one."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def ours_compile_config(backend: str = "inductor") -> CompileConfig:
     """How ours compiles its static-cache step: transformers' settings (CUDA graphs), but a graph break
     splits the graph instead of failing the run."""

@@ -19,7 +19,8 @@ Parts, in this order, each with a time budget in seconds (`--budget part=seconds
             LLaMA token count), up to 256 new tokens, stop at EOS, wall time from a cold start
             (random weights rarely emit EOS: an upper bound). bench/eval_throughput.py's methods. Every
             compiled call shares one dynamo cache and its recompile limit: a timed call that compiled, or
-            that dynamo left eager, marks its row `invalid`, and no goal takes a verdict from it.
+            that dynamo left eager, marks its row `invalid`, and no goal takes a verdict from it; a row
+            whose compiled graphs ran without CUDA graphs says `cuda_graphs_skipped`.
   share     N trials of a small LLaMA (110M) training at once on one device, as `gpus_per_trial: 1/N`
             places them, against one alone: aggregate tokens/s over the window in which all N ran.
 
@@ -157,6 +158,7 @@ def eval_unit(opts: dict[str, Any], save: Callable[[dict[str, Any]], None]) -> d
                                                compile_static=opts["compile"], compile_backend=opts["backend"])
         _, fn = methods[name]
         row: dict[str, Any] = {}
+        skips = eval_throughput.cudagraph_skips()
         with torch.no_grad():
             if name.endswith("static"):  # compiles for this batch's shapes
                 _, row["warmup_s"] = eval_throughput.timed(fn, device)
@@ -167,6 +169,8 @@ def eval_unit(opts: dict[str, Any], save: Callable[[dict[str, Any]], None]) -> d
                    tokens_per_s=round(tokens / seconds, 1))
         if compiled or eager:  # not the steady state its name says: the goals take no value from it
             row["invalid"] = f"its timed call compiled {compiled} graphs and left {eager} frames eager"
+        if eval_throughput.cudagraph_skips() > skips:
+            row["cuda_graphs_skipped"] = eval_throughput.cudagraph_skips() - skips
         report["methods"].setdefault(f"b{batch}", {})[name] = row
         save(report)
     return report
@@ -361,8 +365,9 @@ def table(report: dict[str, Any]) -> str:
                          f"{v.get('mfu', ''):>6}  {v.get('error', '')[:60]}")
         for batch, rows in rec.get("methods", {}).items():
             for name, v in rows.items():
+                skipped = f"CUDA graphs skipped ({v['cuda_graphs_skipped']}) " if "cuda_graphs_skipped" in v else ""
                 lines.append(f"{part:9} {batch + ' ' + name:34} {v['tokens_per_s']:>10} {'':>7} {'':>6}  "
-                             f"{v.get('invalid', '')}")
+                             f"{skipped}{v.get('invalid', '')}")
         if "gsm8k" in rec:
             lines.append(f"{part:9} {'gsm8k-sized':34} {rec['gsm8k']['tokens_per_s']:>10} {'':>7} {'':>6}  "
                          f"wall {rec['gsm8k']['wall_s']} s")
