@@ -429,3 +429,18 @@ def test_load_best_saves_the_adapter_of_the_lowest_validation_loss(workdir, tmp_
     again = load_file(str(resumed.adapter_dir / "adapter.safetensors"))
     for name in saved:
         torch.testing.assert_close(again[name], saved[name], rtol=0, atol=1e-6)
+
+
+def test_the_peak_memory_counts_from_the_trials_start() -> None:
+    """Tune runs trial after trial in one actor process: each trial's peak is its own, not the process's."""
+    from workers.train import peak_memory_bytes, rank_device, reset_peak_memory
+
+    device = rank_device()
+    big = torch.ones(128 * 2**20)  # 512 MiB, held and freed, as an earlier trial's model
+    del big
+    before = peak_memory_bytes(device)
+    reset_peak_memory(device)
+    after = peak_memory_bytes(device)
+    assert after < before - 400 * 2**20
+    torch.ones(64 * 2**20)  # 256 MiB held by this "trial"
+    assert peak_memory_bytes(device) > after + 200 * 2**20

@@ -13,7 +13,6 @@ finalizing and saving (`Record.save_adapter`), then `record_result`. Rank is ask
 from __future__ import annotations
 
 import json
-import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ from workers.run_inputs import trial_datasets
 from workers.spec import RESUMABLE_CHANGES, TrialSpec, trial_id
 from workers.tasks import data_root
 from workers.tracking import Tracker
-from workers.train import Trainer, resolve_precision, seed_everything
+from workers.train import Trainer, rank_device, reset_peak_memory, resolve_precision, seed_everything
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -190,6 +189,7 @@ class Built:
 def build(spec: TrialSpec, checkpoint_dir: Path) -> Built:
     """Tokenizer, training data, the model with its adapter injected, and its trainer, resumed from the
     newest valid checkpoint of `checkpoint_dir` where there is one."""
+    reset_peak_memory(rank_device())  # the trial's own peak, model included
     dtype = resolve_precision(spec.train.precision, torch.cuda.is_available())
     if spec.load_in_8bit:
         eight_bit_config()  # no GPU or no bitsandbytes: refused before any data work
@@ -210,7 +210,7 @@ def load_model(spec: TrialSpec, dtype: torch.dtype) -> PreTrainedModel:
     # An 8-bit base is quantized as it loads, and a random one initialised, on this rank's GPU (a 7B random
     # init takes minutes on a CPU); any other loads on the CPU and the trainer moves it.
     on_rank_gpu = spec.load_in_8bit or (spec.random_init and on_gpu)
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if on_rank_gpu else "cpu"
+    device = rank_device() if on_rank_gpu else torch.device("cpu")
     return build_model(spec.model, overrides=spec.model_overrides, random_init=spec.random_init,
                        trust_remote_code=spec.trust_remote_code, dtype=dtype, device=device, seed=spec.seed,
                        load_in_8bit=spec.load_in_8bit)

@@ -92,9 +92,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_device() -> torch.device:
+    """This rank's device: its GPU (LOCAL_RANK among the visible ones) where there is one, else the CPU."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+        torch.device("cpu")
+
+
+# Linux: writing 5 here resets the process's resident-set peak (VmHWM in /proc/self/status) to its current size.
+_CLEAR_REFS, _STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Count the peak from here: Tune runs trial after trial in one actor process, whose peak so far is the
+    earlier trials'."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with contextlib.suppress(OSError):  # no /proc (macOS) or a kernel that refuses it: the process's peak
+        _CLEAR_REFS.write_text("5")
+
+
 def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory held since `reset_peak_memory`: the GPU's allocated bytes, or the resident set's."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    with contextlib.suppress(OSError):
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -160,7 +184,7 @@ class Trainer:
         self.spec, self.data, self.pad_id, self.checkpoint_dir = spec, data, pad_id, checkpoint_dir
         on_gpu = torch.cuda.is_available()
         self.rank, self.world = init_distributed("nccl" if on_gpu else "gloo")
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
+        self.device = rank_device()
         self.dtype = resolve_precision(spec.train.precision, on_gpu)
         self.accumulation = accumulation_steps(spec.train.batch_size, spec.train.micro_batch_size, self.world)
         self.lengths = list(data.train["length"])
