@@ -54,14 +54,15 @@ def _prepare_sweep(sweep_file: Path, *, new: bool, resume: bool, trust_remote_co
     if root.exists() and not resume and not new:
         raise ConfigError(file, "name", f"a sweep named {sweep.name!r} exists in {root}: `adaptune resume "
                                         f"{sweep.name}` or pass --new to start over")
-    if sweep.resources.gpus_per_trial and local:
+    r = sweep.resources
+    if r.gpus_per_trial and local:
         from orchestrator.gpus import visible_gpus
 
-        gpus = visible_gpus()
-        if gpus < sweep.resources.gpus_per_trial:
+        gpus, need = visible_gpus(), r.gpus_per_trial * r.workers_per_trial
+        if gpus < need:
             raise ConfigError(file, "resources.gpus_per_trial",
-                              f"{sweep.resources.gpus_per_trial:g} GPUs per trial; this machine has "
-                              f"{gpus} (pass --address for a cluster)")
+                              f"{need:g} GPUs per trial ({r.workers_per_trial} workers x {r.gpus_per_trial:g}); "
+                              f"this machine has {gpus} (pass --address for a cluster)")
     if trust_remote_code and any(p.spec.trust_remote_code for p in points):
         typer.echo(f"{sweep_file}: trust_remote_code: the trials will run the Python files of their model "
                    f"folders (--trust-remote-code)", err=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from workers.errors import ConfigError
 from workers.names import MACRO_ACCURACY
@@ -58,9 +58,26 @@ class SchedulerSpec(_Section):
 
 
 class ResourcesSpec(_Section):
-    gpus_per_trial: float = Field(0, ge=0, description="GPUs per worker")
+    gpus_per_trial: float = Field(0, ge=0, description="GPUs per worker: 1, or a share of one")
     workers_per_trial: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1, gt=0)
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _one_gpu_per_rank(cls, gpus: float) -> float:
+        # Each worker (rank) trains on one GPU: more would be held and left idle.
+        if gpus > 1:
+            raise ValueError(f"a worker trains on one GPU; for {gpus:g} per trial set workers_per_trial: {gpus:g}")
+        return gpus
+
+    @field_validator("workers_per_trial")
+    @classmethod
+    def _whole_gpus_for_several_workers(cls, workers: int, info: ValidationInfo) -> int:
+        gpus = info.data.get("gpus_per_trial", 0)
+        if workers > 1 and 0 < gpus < 1:
+            raise ValueError(f"the {workers} workers of a trial need a GPU each (NCCL runs one rank per GPU); "
+                             f"gpus_per_trial is {gpus:g}")
+        return workers
 
 
 class TrackingSpec(_Section):

@@ -67,7 +67,7 @@ class Context:
     experiment: str
     parent_run_id: str
     workers: int
-    use_gpu: bool
+    gpus_per_worker: float
     cpus_per_worker: float
     max_outage_s: float
     # The points whole: Tune's search space, which Ray stores on disk, holds them redacted, with an index.
@@ -117,9 +117,25 @@ def failures(results: Any) -> list[tuple[str, str]]:
     return sorted(out)
 
 
+def worker_resources(ctx: Context) -> dict[str, float]:
+    """What each Ray Train worker of a multi-worker trial holds: its CPUs, and its GPU where it has one (Ray Train
+    gives a worker one whole GPU unless told)."""
+    return {"CPU": ctx.cpus_per_worker, **({"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker else {})}
+
+
+def hide_gpus_unless_given(ctx: Context) -> None:
+    """A trial given no GPU sees none. Ray leaves CUDA_VISIBLE_DEVICES as it is for a task given no GPU: on a GPU node
+    such a trial saw every GPU and trained on the first, in bf16, beside the trials that hold it. Set before the
+    trial's first CUDA call, where torch reads it."""
+    if not ctx.gpus_per_worker:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def _worker_loop(config: dict[str, Any], ctx: Context, spec: dict[str, Any]) -> None:
     """One Ray Train worker of a multi-worker trial."""
     import ray.train
+
+    hide_gpus_unless_given(ctx)
 
     from workers.job import run_trial  # the worker imports torch; the driver never does
     from workers.tracking import MemoryTracker
@@ -149,6 +165,7 @@ def trial_function(config: dict[str, Any], ctx: Context) -> None:
         tune.report(_final_metrics(summary))
         return
     if ctx.workers == 1:
+        hide_gpus_unless_given(ctx)
         from workers.job import run_trial  # the trial's actor imports torch; the driver never does
 
         # Stop with a checkpoint when the driver is gone: `adaptune resume` takes the trial up there.
@@ -165,8 +182,8 @@ def trial_function(config: dict[str, Any], ctx: Context) -> None:
     trainer = TorchTrainer(
         functools.partial(_worker_loop, ctx=ctx, spec=point.model_dump(mode="json")),
         train_loop_config={"trial_id": tid},
-        scaling_config=ScalingConfig(num_workers=ctx.workers, use_gpu=ctx.use_gpu,
-                                     resources_per_worker={"CPU": ctx.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=ctx.workers, use_gpu=ctx.gpus_per_worker > 0,
+                                     resources_per_worker=worker_resources(ctx)),
         run_config=RunConfig(name=f"train-{tid}", storage_path=str(Path(ctx.root) / "train"),
                              callbacks=[TuneReportCallback()]),
     )
@@ -450,7 +467,7 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     r = sweep.resources
     ctx = Context(sweep=sweep.model_dump(mode="json"), root=str(root), tracking_uri=uri,
                   experiment=sweep.experiment, parent_run_id=parent, workers=r.workers_per_trial,
-                  use_gpu=r.gpus_per_trial > 0, cpus_per_worker=r.cpus_per_worker,
+                  gpus_per_worker=r.gpus_per_trial, cpus_per_worker=r.cpus_per_worker,
                   max_outage_s=sweep.tracking.max_outage_s,
                   points=tuple(p.model_dump(mode="json") for p in points))
     # A multi-worker trial's own actor only drives the Train run; its workers hold the resources.

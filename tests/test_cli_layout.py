@@ -48,7 +48,7 @@ def test_the_sweep_commands_never_import_torch(ws: Path) -> None:
     """Every module the sweep commands use, then `run --dry-run`, `run` on more GPUs than the machine
     has (counted without torch), `status` and `report`: torch stays out of the driver's process."""
     raw = base_sweep(ws)
-    raw["resources"] = {"gpus_per_trial": 64}
+    raw["resources"] = {"gpus_per_trial": 1, "workers_per_trial": 64}
     (ws / "gpus.yaml").write_text(yaml.safe_dump(raw))
     code = f"""
 import sys

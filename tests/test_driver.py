@@ -176,7 +176,7 @@ BAD = [
      "does not take"),
     ({"space": [{"type": "lora", "placement": ["q", "v"], "rank": []}]}, "space[0].rank", "empty axis"),
     ({"space": [{"type": "lora", "placement": ["q", "v"], "rank": ["big"]}]}, "space[0].rank", "integer"),
-    ({"resources": {"gpus_per_trial": 4}}, "resources.gpus_per_trial", "this machine has"),
+    ({"resources": {"gpus_per_trial": 1, "workers_per_trial": 4}}, "resources.gpus_per_trial", "this machine has"),
     ({"search": {"algorithm": "hyperband"}}, "search.algorithm", "hyperband"),
     ({"scheduler": {"type": "asha", "metric": "accuracy"}}, "scheduler.metric", "accuracy"),
     ({"storage": "/proc/adaptune-runs"}, "storage", ""),
@@ -276,3 +276,22 @@ def test_a_trials_errors_cross_ray_whole(tmp_path: Path) -> None:
                      Result(None, points[2].model_dump(mode="json"))])
     assert rows == sorted([(points[0].name, "/d/x.json: data.cutoff_len: too short"),
                            (points[1].name, "StopIteration (no message) at p.py:3")])
+
+
+def test_a_trial_holds_the_gpus_it_is_given_and_sees_none_when_given_none(monkeypatch) -> None:
+    """Ray Train gives each worker one whole GPU unless told, and leaves CUDA_VISIBLE_DEVICES as it is for a task of
+    no GPU (on a GPU node such a trial trained on the first GPU)."""
+    import dataclasses
+
+    from orchestrator.tune_driver import Context, hide_gpus_unless_given, worker_resources
+
+    ctx = Context(sweep={}, root="/r", tracking_uri="sqlite:///m.db", experiment="e", parent_run_id="p", workers=2,
+                  gpus_per_worker=1.0, cpus_per_worker=4.0, max_outage_s=1.0)
+    assert worker_resources(ctx) == {"CPU": 4.0, "GPU": 1.0}
+    cpu = dataclasses.replace(ctx, gpus_per_worker=0.0)
+    assert worker_resources(cpu) == {"CPU": 4.0}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    hide_gpus_unless_given(ctx)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"  # Ray's choice for a trial given GPUs stands
+    hide_gpus_unless_given(cpu)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""

@@ -239,7 +239,7 @@ def test_a_finished_trial_whose_record_waited_on_disk_delivers_it_when_resumed(t
     sweep, (point,) = load_sweep(tiny_sweep(tmp_path, "late", [{"type": "lora", "placement": ["q", "v"], "rank": 4}]))
     parent, tid = _parent(store, "late"), trial_id(point.spec)
     ctx = Context(sweep=sweep.model_dump(mode="json"), root=str(experiment_dir(sweep)), tracking_uri=store,
-                  experiment="faults", parent_run_id=parent, workers=1, use_gpu=False, cpus_per_worker=1,
+                  experiment="faults", parent_run_id=parent, workers=1, gpus_per_worker=0, cpus_per_worker=1,
                   max_outage_s=0.0, points=(point.model_dump(mode="json"),))
     first = _tracker(ctx, point, tid)
     first.log_metrics({"train_loss": 1.0}, step=1)

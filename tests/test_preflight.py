@@ -173,6 +173,9 @@ SWEEP_CASES = [
          _both(_set("base.data.limit_train", 4), _set("base.data.val_set_size", 4))),
     Case("batch-unfillable", "run", "train.batch_size", _set("train.batch_size", 64)),
     Case("leakage", "run", "base.data.allow_leakage", _set("base.data.allow_leakage", False)),
+    Case("gpus-per-worker-above-one", "run", "resources.gpus_per_trial", _set("resources.gpus_per_trial", 2)),
+    Case("gpu-share-for-several-workers", "run", "resources.workers_per_trial",
+         _both(_set("resources.gpus_per_trial", 0.5), _set("resources.workers_per_trial", 2))),
     Case("model-folder-missing", "run", "base.model", _set("base.model", "/nonexistent/model")),
     Case("model-no-config", "run", "base.model", lambda raw, ws: put(
         raw, "base.model", str((ws / "models" / "empty").mkdir() or ws / "models" / "empty"))),
