@@ -148,7 +148,7 @@ def _worker_loop(config: dict[str, Any], ctx: Context, spec: dict[str, Any]) -> 
     # Every rank watches the driver's heartbeat; the trainer stops them all when one sees it still.
     result = run_trial(point.spec, tracker, Path(ctx.root) / "trials" / tid,
                        report=lambda metrics, checkpoint: ray.train.report(metrics),
-                       should_stop=driver_gone(Path(ctx.root) / HEARTBEAT))
+                       should_stop=driver_gone(Path(ctx.root) / HEARTBEAT), gpu_share=ctx.gpus_per_worker)
     _raise_unless_done(result.status, result.error, point.name)
 
 
@@ -171,7 +171,7 @@ def trial_function(config: dict[str, Any], ctx: Context) -> None:
         # Stop with a checkpoint when the driver is gone: `adaptune resume` takes the trial up there.
         result = run_trial(point.spec, _tracker(ctx, point, tid), folder,
                            report=lambda metrics, checkpoint: tune.report(metrics),
-                           should_stop=driver_gone(Path(ctx.root) / HEARTBEAT))
+                           should_stop=driver_gone(Path(ctx.root) / HEARTBEAT), gpu_share=ctx.gpus_per_worker)
         _raise_unless_done(result.status, result.error, point.name)
         return
     from ray.train import RunConfig, ScalingConfig

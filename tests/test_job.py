@@ -444,3 +444,13 @@ def test_the_peak_memory_counts_from_the_trials_start() -> None:
     assert after < before - 400 * 2**20
     torch.ones(64 * 2**20)  # 256 MiB held by this "trial"
     assert peak_memory_bytes(device) > after + 200 * 2**20
+
+
+def test_gpu_hours_count_the_share_of_a_gpu_each_rank_holds() -> None:
+    """Four trials sharing one GPU for an hour (`gpus_per_trial: 0.25`) hold one GPU hour between them."""
+    from workers.job import compute_hours
+    from workers.names import CPU_HOURS, GPU_HOURS
+
+    assert compute_hours(3600, 1, True, 0.25) == {GPU_HOURS: 0.25}
+    assert compute_hours(3600, 2, True, 1.0) == {GPU_HOURS: 2.0}
+    assert compute_hours(1800, 2, False, 1.0) == {CPU_HOURS: 1.0}

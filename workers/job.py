@@ -119,8 +119,11 @@ def run_trial(
     *,
     report: Report | None = None,
     should_stop: Callable[[], bool] | None = None,
+    gpu_share: float = 1.0,
 ) -> TrialResult:
     """Fine-tune, evaluate and record one trial; resume from `checkpoint_dir` when it holds a checkpoint.
+
+    `gpu_share`: the part of its GPU each rank holds (a sweep's `gpus_per_trial`), for its GPU hours.
 
     The spec's parameters are logged first, before anything that can fail, so every run can be told
     apart by them. User errors (`ConfigError`) propagate after the run is marked failed; running out of
@@ -131,7 +134,7 @@ def run_trial(
     tracker.log_params(relative_paths({**spec.model_dump(mode="json"), "provenance": info}))
     try:
         check_resumable(spec, checkpoint_dir)
-        return _run(spec, tracker, checkpoint_dir, info, report, should_stop)
+        return _run(spec, tracker, checkpoint_dir, info, report, should_stop, gpu_share)
     except KeyboardInterrupt:
         tracker.finish(TrialStatus.CANCELLED)
         return TrialResult(TrialStatus.CANCELLED, {}, error="interrupted")
@@ -153,7 +156,7 @@ def run_trial(
 
 def _run(
     spec: TrialSpec, tracker: Tracker, checkpoint_dir: Path, info: dict[str, str], report: Report | None,
-    should_stop: Callable[[], bool] | None,
+    should_stop: Callable[[], bool] | None, gpu_share: float,
 ) -> TrialResult:
     """The trial's phases, in order; a cancelled run stops after training."""
     trial = build(spec, checkpoint_dir)
@@ -163,7 +166,7 @@ def _run(
     if outcome.cancelled:
         record.finish(TrialStatus.CANCELLED)
         return TrialResult(TrialStatus.CANCELLED, {"step": outcome.global_step})
-    metrics = train_metrics(trial, outcome)
+    metrics = train_metrics(trial, outcome, gpu_share)
     with trial.trainer.gathered_adapter():  # ZeRO-3 partitions the adapter: whole in here, on every rank
         metrics.update(evaluate_trained(spec, trial, record))
         record.save_adapter(trial.trainer.engine.module, spec)
@@ -240,7 +243,15 @@ def train(trial: Built, record: Record, report: Report | None, should_stop: Call
     return trial.trainer.train(on_report, should_stop)
 
 
-def train_metrics(trial: Built, outcome: TrainOutcome) -> dict[str, float]:
+def compute_hours(seconds: float, ranks: int, on_gpu: bool, gpu_share: float) -> dict[str, float]:
+    """The hours of compute a run held: GPU hours = seconds · ranks · the GPU share of each / 3600 (four trials
+    sharing a GPU for an hour hold one GPU hour between them); on CPUs, worker hours as CPU hours."""
+    if on_gpu:
+        return {GPU_HOURS: seconds * ranks * gpu_share / 3600}
+    return {CPU_HOURS: seconds * ranks / 3600}
+
+
+def train_metrics(trial: Built, outcome: TrainOutcome, gpu_share: float) -> dict[str, float]:
     """The trial's final training figures: loss, sizes, throughput, memory and compute."""
     counts = trial.counts
     metrics: dict[str, float] = {
@@ -252,7 +263,7 @@ def train_metrics(trial: Built, outcome: TrainOutcome) -> dict[str, float]:
         TRAIN_SECONDS: outcome.seconds,
         "train_tokens_per_s": outcome.tokens / max(outcome.seconds, 1e-9),
         PEAK_MEMORY_GB: outcome.peak_memory_bytes / 2**30,
-        (GPU_HOURS if torch.cuda.is_available() else CPU_HOURS): outcome.seconds * trial.trainer.world / 3600,
+        **compute_hours(outcome.seconds, trial.trainer.world, torch.cuda.is_available(), gpu_share),
     }
     if outcome.val_loss is not None:
         metrics[VAL_LOSS] = outcome.val_loss
