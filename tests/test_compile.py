@@ -15,12 +15,28 @@ from workers.loss import causal_lm_loss
 from workers.spec import TrainSpec
 
 
-def test_compile_is_on_by_default_on_cuda_only_where_it_pays() -> None:
+def test_compile_is_on_by_default_on_cuda_only_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "gcc")
     assert TrainSpec().compile is None
     assert [compile_enabled(None, gpu) for gpu in (False, True)] == [False, True]
     assert [compile_enabled(True, gpu) for gpu in (False, True)] == [True, True]
     assert [compile_enabled(False, gpu) for gpu in (False, True)] == [False, False]
     assert [compile_enabled(setting, True, pays=False) for setting in (None, True, False)] == [False, True, False]
+
+
+def test_without_a_c_compiler_cuda_compiles_nothing_by_default_and_refuses_true(monkeypatch: pytest.MonkeyPatch,
+                                                                              tmp_path) -> None:
+    """Triton builds its CUDA launchers with a C compiler as it first runs them; a CUDA `base` image has none."""
+    from workers.errors import ConfigError
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gcc, no clang
+    assert compile_enabled(None, True) is False
+    with pytest.raises(ConfigError, match=r"^eval\.compile: true: .*C compiler"):
+        compile_enabled(True, True, field="eval.compile")
+    assert (compile_enabled(True, False), compile_enabled(False, True)) == (True, False)  # a CPU's is not Triton
+    monkeypatch.setenv("CC", "/opt/cc")
+    assert (compile_enabled(None, True), compile_enabled(True, True)) == (True, True)
 
 
 @pytest.mark.parametrize("adapter", [

@@ -91,6 +91,12 @@ def test_final_image_runs_as_a_numeric_non_root_user_with_a_healthcheck() -> Non
     assert any(name == "RUN" and STORAGE in args and "chown" in args for name, args in stage)
 
 
+def test_the_final_image_has_the_c_compiler_triton_builds_with() -> None:
+    """Compilation is on by default on CUDA; Triton builds its launchers with gcc (or $CC, clang) as it runs."""
+    installs = [args for name, args in final_stage() if name == "RUN" and "apt-get install" in args]
+    assert installs and {"gcc", "libc6-dev"} <= set(installs[0].split())
+
+
 def test_no_secret_is_baked_into_the_image() -> None:
     for name, args in dockerfile_instructions():
         if name in {"ENV", "ARG", "LABEL"}:

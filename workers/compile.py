@@ -8,7 +8,9 @@ embeddings, the LM head and the loss (workers/loss.py) stay eager.
 `train.compile`: `None` (the default) compiles where it pays: on CUDA, not on a CPU, where
 inductor's C++ build costs more than a short run saves, and not where the adapter makes each layer
 trace a graph of its own (`AdapterLayer.shared_layer_graph`: prefix tuning); `true` or `false`
-decide on any device.
+decide on any device. On CUDA inductor's kernels are Triton's, whose launchers Triton builds with a
+C compiler as it first runs them: without one (a CUDA `base` image has none) the default does not
+compile, and `true` is refused with the field named (every compiled trial failed at its first step).
 
 Training and validation forwards keep no KV cache (`workers.loss.lm_loss`): each layer would trace
 its own graph, on its own slot of the cache.
@@ -16,18 +18,33 @@ its own graph, on its own slot of the cache.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 from torch import nn
 
+from workers.errors import ConfigError
 from workers.placement import family_for
 
 # The torch.compile backend; the GPU suite's `--tiny` sets "eager" to trace the same code on a CPU in seconds.
 BACKEND = "inductor"
 
 
-def compile_enabled(setting: bool | None, on_gpu: bool, pays: bool = True) -> bool:
-    """Whether to compile: the spec's `train.compile` (or `eval.compile`); where it is unset, on CUDA where
-    it `pays` (one graph serves every layer)."""
-    return on_gpu and pays if setting is None else setting
+def c_compiler() -> str | None:
+    """The C compiler Triton builds its CUDA launchers with, found as Triton finds it ($CC, gcc, clang)."""
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+
+
+def compile_enabled(setting: bool | None, on_gpu: bool, pays: bool = True, field: str = "train.compile") -> bool:
+    """Whether to compile: the spec's `train.compile` (or `eval.compile`, `field`); where it is unset, on CUDA
+    where it `pays` (one graph serves every layer) and Triton has a C compiler."""
+    triton = on_gpu and BACKEND == "inductor"
+    if setting is None:
+        return on_gpu and pays and (not triton or c_compiler() is not None)
+    if setting and triton and c_compiler() is None:
+        raise ConfigError(None, field, "true: torch.compile on CUDA builds Triton kernels with a C compiler, and "
+                                       "this machine has none ($CC, gcc, clang): install gcc, or set it false")
+    return setting
 
 
 def compile_backend() -> str:

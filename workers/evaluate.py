@@ -349,7 +349,7 @@ def _generate(
         return generate_paper(model, tokenizer, prompts, budget)
     on_gpu = model.device.type == "cuda"
     cache = spec.cache or ("static" if on_gpu else "dynamic")
-    compiled = cache == "static" and compile_enabled(spec.compile, on_gpu)
+    compiled = cache == "static" and compile_enabled(spec.compile, on_gpu, field="eval.compile")
     return generate_greedy(model, tokenizer, prompts, budget, spec.batch_size, cache=cache,
                            compile_config=CompileConfig(backend=compile_backend()) if compiled else None)
 
