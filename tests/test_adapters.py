@@ -74,3 +74,44 @@ def test_a_fresh_adapter_is_the_identity_except_a_prefix(name: str, family: str)
         assert not torch.allclose(ours, base, atol=1e-3)
     else:
         assert torch.equal(ours, base)
+
+
+class Int8Linear(torch.nn.Linear):
+    """A base linear as an 8-bit load leaves it (bitsandbytes' Linear8bitLt is an nn.Linear too): frozen int8
+    weights with a scale per row, activations in and out in the model's dtype."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        scale = linear.weight.detach().abs().amax(1, keepdim=True).float() / 127
+        self.weight = torch.nn.Parameter((linear.weight.detach().float() / scale).round().to(torch.int8),
+                                         requires_grad=False)
+        self.register_buffer("row_scale", scale)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = (self.weight.float() * self.row_scale).to(x.dtype)
+        return torch.nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+
+@pytest.mark.parametrize("method", ["lora-qkvud", "series-attn-mlp", "parallel-up-down", "mosa-series-mlp"])
+def test_every_method_trains_beside_an_8bit_base(method: str) -> None:
+    """The paper trains on LLaMA loaded in 8 bits: the base's linears hold int8 weights, in which no adapter can be
+    made (`requires_grad` on an int8 tensor is an error). Adapters beside them are float32, as PEFT's, and return
+    to the model's dtype; at their initialisation the model is unchanged."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.model.layers.get_submodule(parent), child, Int8Linear(module))
+    ids = torch.randint(3, 259, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    inject(model, adapter(**METHODS[method], **({"init": "zero"} if "rank" not in METHODS[method] else {})))
+    params = list(adapter_parameters(model))
+    assert params and all(p.dtype == torch.float32 for _, p in params)
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(out.logits, before, rtol=0, atol=0)
+    out.loss.backward()
+    grads = [p.grad for _, p in params if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)

@@ -82,6 +82,12 @@ class AdapterMethod(ABC):
         return adapter_state_dict(model)
 
 
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of an adapter made beside `weight`: the weight's own, or float32 beside a quantized one (the
+    int8 weights of an 8-bit base, in which no trainable tensor can be made), as PEFT makes them."""
+    return weight.dtype if weight.is_floating_point() else torch.float32
+
+
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an `nn.Linear` or a GPT-2 style `Conv1D`."""
     if isinstance(module, nn.Linear):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.adapters.base import AdapterLayer, linear_dims, replace_module
+from workers.adapters.base import AdapterLayer, adapter_dtype, linear_dims, replace_module
 from workers.adapters.config import BottleneckOptions
 from workers.errors import ConfigError
 from workers.placement import FamilyLayout, LinearTarget, linear_targets, sublayer_targets
@@ -58,7 +58,7 @@ class Bottleneck(AdapterLayer):
         `paper` is the paper code's `bert` init: both projections N(0, 0.02), biases zero. `zero` is its
         `mam_adapter` init: W_down keeps nn.Linear's default, W_up = 0, so f = 0 and the model is unchanged.
         """
-        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
+        kw: dict[str, Any] = {"device": like.device, "dtype": adapter_dtype(like)}
         down = nn.Linear(d_in, opts.bottleneck, bias=opts.bias, **kw)
         up = nn.Linear(opts.bottleneck, d_out, bias=opts.bias, **kw)
         with torch.no_grad():
@@ -85,8 +85,10 @@ class Bottleneck(AdapterLayer):
             w_down, w_up = w_down.float(), w_up.float()
             b_down, b_up = (None if b is None else b.float() for b in (b_down, b_up))
             h = F.linear(self.act(F.linear(self.dropout(x.float()), w_down, b_down)), w_up, b_up)
-            return h.to(x.dtype) * self.scale
-        return self.scale * F.linear(self.act(F.linear(self.dropout(x), w_down, b_down)), w_up, b_up)
+            return (h.to(x.dtype) * self.scale).to(x.dtype)  # a learned scale is float32 beside an 8-bit base
+        # In the weights' dtype and back: float32 beside an 8-bit base; otherwise x's own, and no cast happens.
+        h = F.linear(self.act(F.linear(self.dropout(x).to(w_down.dtype), w_down, b_down)), w_up, b_up)
+        return (self.scale * h).to(x.dtype)
 
 
 MakeBottleneck = Callable[[int, int, torch.Tensor], nn.Module]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from workers.adapters.base import AdapterLayer, AdapterMethod, linear_dims, replace_module
+from workers.adapters.base import AdapterLayer, AdapterMethod, adapter_dtype, linear_dims, replace_module
 from workers.adapters.config import LoraConfig
 from workers.errors import ConfigError
 from workers.placement import FamilyLayout, expand_sublayers, linear_targets
@@ -27,7 +27,7 @@ class LoraLinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, rank: int, scaling: float, dropout: float) -> None:
         super().__init__()
         d_in, d_out = linear_dims(base_layer)
-        kw = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        kw = {"device": base_layer.weight.device, "dtype": adapter_dtype(base_layer.weight)}
         self.base_layer = base_layer
         self.lora_dropout = nn.Dropout(dropout)
         self.lora_A = nn.Linear(d_in, rank, bias=False, **kw)
@@ -58,7 +58,9 @@ class LoraLinear(AdapterLayer):
         y = self.base_layer(x)
         if self.merged:
             return y
-        return y + self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))
+        # In the adapter's dtype and back: float32 beside an 8-bit base; otherwise x's own, and no cast happens.
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype)))
+        return y + (self.scaling * delta).to(y.dtype)
 
 
 class _Lora(AdapterMethod):
