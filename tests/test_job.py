@@ -454,3 +454,36 @@ def test_gpu_hours_count_the_share_of_a_gpu_each_rank_holds() -> None:
     assert compute_hours(3600, 1, True, 0.25) == {GPU_HOURS: 0.25}
     assert compute_hours(3600, 2, True, 1.0) == {GPU_HOURS: 2.0}
     assert compute_hours(1800, 2, False, 1.0) == {CPU_HOURS: 1.0}
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_training_starts_from_the_initial_weights_and_a_fresh_adamw(stage: int) -> None:
+    """DeepSpeed's unfused bf16 optimizer (no ZeRO, bf16: a GPU's default) takes an AdamW step on zero gradients as
+    it starts: its masters decayed once, AdamW's step count at 1. Undone, its first real step is AdamW's first."""
+    import deepspeed
+    from transformers import get_linear_schedule_with_warmup
+
+    from workers.train import init_distributed, undo_state_allocation_step
+
+    init_distributed("gloo")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(torch.bfloat16)
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    copy = [p.detach().clone().requires_grad_() for p in model.parameters()]  # the same bf16 forward, by hand
+    grads = torch.autograd.grad(torch.nn.functional.linear(x, *copy).float().pow(2).sum(), copy)
+    adam = {"lr": 1e-2, "weight_decay": 0.5}
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+              "zero_optimization": {"stage": stage},
+              "optimizer": {"type": "AdamW", "params": {**adam, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config,
+                                      lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, 0, 10))
+    undo_state_allocation_step(engine.optimizer)
+    engine.backward(engine(x).float().pow(2).sum())
+    engine.step()
+    # AdamW's first step from the initial weights, in float32 as the masters: w - lr·wd·w - lr · g / (|g| + eps).
+    reference = [torch.nn.Parameter(w.detach().float()) for w in copy]
+    for ref, grad in zip(reference, grads, strict=True):
+        ref.grad = grad.float()
+    torch.optim.AdamW(reference, **adam).step()
+    for p, ref in zip(model.parameters(), reference, strict=True):
+        torch.testing.assert_close(p.detach(), ref.detach().to(torch.bfloat16), rtol=0, atol=0)

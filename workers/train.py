@@ -86,6 +86,26 @@ def deepspeed_config(spec: TrialSpec, accumulation: int, dtype: torch.dtype) -> 
     }
 
 
+def undo_state_allocation_step(optimizer: Any) -> None:
+    """Undo the AdamW step DeepSpeed's unfused half-precision optimizer takes as it starts.
+
+    Without ZeRO, in bf16 (the default on a GPU), DeepSpeed wraps AdamW in `FP16_UnfusedOptimizer`, which allocates
+    AdamW's state by a step on zero gradients at the optimizer's full learning rate: its float32 master weights take
+    one decoupled weight decay (w <- w - lr · wd · w) and AdamW's step count starts at 1, so the bias corrections
+    of every later step are one step off (the first real update ~0.74x its size). The masters are copies of the
+    model's weights, untouched by that step: they are copied back and the state dropped, for AdamW to make anew
+    at the first real step, as in float32 and under ZeRO.
+    """
+    masters, params = getattr(optimizer, "fp32_groups", None), getattr(optimizer, "fp16_groups", None)
+    if masters is None or params is None:
+        return
+    with torch.no_grad():
+        for master_group, param_group in zip(masters, params, strict=True):
+            for master, param in zip(master_group, param_group, strict=True):
+                master.copy_(param)
+                optimizer.optimizer.state.pop(master, None)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -228,6 +248,7 @@ class Trainer:
             config=deepspeed_config(self.spec, self.accumulation, self.dtype),
             lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, total),
         )
+        undo_state_allocation_step(engine.optimizer)
         engine.checkpoint_engine = SafeCheckpointEngine()  # checkpoints load with weights_only=True
         if compile_enabled(t.compile, on_gpu, pays=shares_layer_graphs(engine.module)):
             compile_decoder_layers(engine.module)
