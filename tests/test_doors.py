@@ -260,3 +260,24 @@ def test_no_secret_of_the_file_the_uri_or_the_environment_is_in_anything_a_run_w
         assert secret not in out + err, secret
         hits = [str(p) for p in written if secret.encode() in p.read_bytes()]
         assert not hits, (secret, hits)
+
+
+def test_a_ranks_rng_state_holds_its_own_gpus_alone(monkeypatch) -> None:
+    """Every visible GPU's state was kept, and restored by index: a rank resumed where it sees fewer GPUs (its
+    trial's workers placed on other nodes) failed with IndexError."""
+    import torch
+
+    from workers.safe_checkpoint import rng_state, set_rng_state
+
+    generators = {3: torch.tensor([3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: generators[device].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: generators.__setitem__(device, state))
+    state = rng_state()
+    assert torch.equal(state["cuda"], torch.tensor([3], dtype=torch.uint8))
+    generators[3] = torch.tensor([9], dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # resumed on a node where it is GPU 0 of one
+    generators[0] = torch.tensor([0], dtype=torch.uint8)
+    set_rng_state(state)
+    assert torch.equal(generators[0], torch.tensor([3], dtype=torch.uint8))

@@ -33,13 +33,13 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
 
 
 def rng_state() -> dict[str, Any]:
-    """The Python, numpy, torch (and CUDA) RNG states as tensors, lists and numbers."""
+    """The Python, numpy, torch (and this rank's CUDA device's) RNG states as tensors, lists and numbers."""
     version, keys, gauss = random.getstate()
     kind, mt, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, list(keys), gauss], "torch": torch.get_rng_state(),
              "numpy": [kind, torch.from_numpy(mt.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's GPU's alone: a resumed rank may see fewer GPUs (another node)
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -51,4 +51,4 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, mt.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
