@@ -204,6 +204,48 @@ def test_two_processes_equal_one_with_doubled_accumulation(workdir: Path, tmp_pa
 
 
 # Under torchrun: each rank runs this; only rank 1 is told to stop (at its third optimizer step).
+def test_every_rank_runs_as_many_validation_forwards_and_the_mean_is_the_rows(monkeypatch) -> None:
+    """9 validation rows on 2 ranks, 4 a forward: rank 0 has 5 rows (two forwards), rank 1 has 4 (one). Under ZeRO-3
+    every forward gathers the parameters from all ranks, so rank 0's second forward waited for good (on a real
+    model: a tiny one's parameters are below ZeRO-3's persistence threshold and never gathered)."""
+    from types import SimpleNamespace
+
+    from workers import train
+
+    losses = {i: float(i) for i in range(9)}  # row i's loss is i
+
+    class Rows(dict):  # a dataset's columns, as long as its rows
+        def __len__(self) -> int:
+            return len(self["input_ids"])
+
+    class Engine:  # the mean loss of the rows it is given, noting each forward
+        def __init__(self) -> None:
+            self.calls: list[list[int]] = []
+
+        def eval(self) -> None: ...
+
+        def train(self) -> None: ...
+
+        def __call__(self, rows: list[int]) -> float:
+            self.calls.append(rows)
+            return sum(losses[r] for r in rows) / len(rows)
+
+    monkeypatch.setattr(train, "to_device", lambda batch, device, dtype: batch)
+    monkeypatch.setattr(train, "collate", lambda examples, pad: [e[0]["input_ids"] for e in examples])
+    monkeypatch.setattr(train, "lm_loss", lambda engine, rows: engine(rows))
+    sums = []
+    for rank in (0, 1):
+        engine = Engine()
+        trainer = SimpleNamespace(data=SimpleNamespace(val=Rows(input_ids=list(range(9)), labels=list(range(9)))),
+                                  engine=engine, spec=SimpleNamespace(train=SimpleNamespace(micro_batch_size=4)),
+                                  rank=rank, world=2, pad_id=0, device="cpu", dtype=None,
+                                  _mean_over_ranks=lambda total, count: (total, count))
+        sums.append(train.Trainer.validation_loss(trainer))
+        assert len(engine.calls) == 2, (rank, engine.calls)  # the most any rank needs
+    total, count = (sum(x) for x in zip(*sums, strict=True))
+    assert (total, count) == (sum(losses.values()), 9)  # the rank out of rows counted nothing
+
+
 ONE_RANK_STOPS = """
 import json, os, sys
 from pathlib import Path

@@ -322,14 +322,19 @@ class Trainer:
             return None
         self.engine.eval()
         micro = self.spec.train.micro_batch_size
-        rows = [(i,) for i in range(len(val))][self.rank::self.world]
+        rows = list(range(len(val)))[self.rank::self.world]
+        # Every rank runs as many forwards as the rank with the most rows: under ZeRO-3 each forward gathers the
+        # parameters from all ranks, and a rank that stopped a forward early left the others waiting for good.
+        # A rank out of rows runs its first one again and counts it nothing.
+        forwards = -(-len(range(0, len(val), self.world)) // micro)
         total = count = 0.0
         ids, labels = val["input_ids"], val["labels"]
-        for start in range(0, len(rows), micro):
+        for start in range(0, forwards * micro, micro):
             chunk = rows[start:start + micro]
-            examples = [[{"input_ids": ids[r[0]], "labels": labels[r[0]]}] for r in chunk]
+            examples = [[{"input_ids": ids[r], "labels": labels[r]}] for r in chunk or rows[:1] or [0]]
             batch = to_device(collate(examples, self.pad_id), self.device, self.dtype)
-            total += float(lm_loss(self.engine, batch)) * len(chunk)
+            loss = float(lm_loss(self.engine, batch))
+            total += loss * len(chunk)
             count += len(chunk)
         self.engine.train()
         return self._mean_over_ranks(total, count)
