@@ -200,8 +200,12 @@ def generate_greedy(
     `max_new_tokens` rounded up to a multiple of `CACHE_BUCKET`, the last batch filled up with
     repeated rows: every decoding step has the same shapes, so `compile_config` (a transformers
     `CompileConfig`) compiles the step once and every batch reuses it; finished rows stay until
-    the whole batch is done. Both give the same tokens (tests/test_evaluate.py); a model whose adapter
-    takes no static cache (`AdapterLayer.static_cache`: prefix tuning) decodes with the dynamic one.
+    the whole batch is done. Both give the same tokens in float32 (tests/test_evaluate.py). In bf16 they
+    can differ where two tokens' logits nearly tie: the two attend over different lengths, in different
+    batch shapes and kernels, and bf16 rounds them differently (measured on a random 4-layer LLaMA on
+    CPU: 10 of 48 rows; 0 in float32; a trained model's margins are wider). So do batch sizes. A model
+    whose adapter takes no static cache (`AdapterLayer.static_cache`: prefix tuning) decodes with the
+    dynamic one.
     `stop_at_eos=False` generates exactly `max_new_tokens` per prompt (benchmarks on random weights).
     """
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
