@@ -12,7 +12,8 @@ Parts, in this order, each with a time budget in seconds (`--budget part=seconds
             init, bf16, seq 256, micro-batch 16): PEFT LoRA eager and `torch.compile`d (whole model)
             against ours (DeepSpeed ZeRO-2): LoRA, series, parallel (sized to LoRA's trainable
             parameters), prefix, eager and compiled (regional: each decoder layer; the PEFT baseline too
-            unless `--peft-compile whole`). bench/train_throughput.py's variants.
+            unless `--peft-compile whole`; prefix eager only, as trials run it). bench/train_throughput.py's
+            variants.
   eval      generated tokens/s at the 7B shape, 128 prompt + 128 new tokens: ours (workers.evaluate) against
             `generate` with its dynamic and its static, compiled cache, at batch 1, 64 and 128; and the
             GSM8K-sized run: 1,319 test prompts (each cut to a quarter of its characters, about its
@@ -55,13 +56,13 @@ PRELOAD = ["torch", "transformers", "deepspeed", "peft", "workers.job", "workers
 PARTS = ("train-7b", "eval", "share", "train-1b")
 BUDGETS = {"train-7b": 170, "eval": 180, "share": 50, "train-1b": 60}  # + about 20 s to start: <= 8 minutes
 TINY_BUDGETS = {"train-7b": 35, "eval": 15, "share": 20, "train-1b": 0}  # + about 20 s to start
-# In the order they run: when a budget ends, the most telling comparisons are in.
+# In the order they run: when a budget ends, the most telling comparisons are in. Prefix tuning runs eager, as
+# trials run it: compiled, each layer traces its own graph (workers/compile.py), minutes at 7B.
 TRAIN_ORDER = {
     "train-7b": ("peft-compiled", "ours-lora-compiled", "peft-eager", "ours-series-compiled",
-                 "ours-parallel-compiled", "ours-lora", "ours-prefix-compiled", "ours-series", "ours-parallel",
-                 "ours-prefix"),
+                 "ours-parallel-compiled", "ours-lora", "ours-series", "ours-parallel", "ours-prefix"),
     "train-1b": ("peft-eager", "peft-compiled", "ours-lora", "ours-lora-compiled", "ours-series-compiled",
-                 "ours-parallel-compiled", "ours-prefix-compiled", "ours-series", "ours-parallel", "ours-prefix"),
+                 "ours-parallel-compiled", "ours-series", "ours-parallel", "ours-prefix"),
 }
 # --tiny: every code path once; the compiled series, parallel and prefix layers are traced in tests/test_compile.py.
 TINY_ORDER = ("peft-eager", "peft-compiled", "ours-lora", "ours-lora-compiled", "ours-series", "ours-parallel",
