@@ -274,3 +274,62 @@ def test_the_static_caches_tensors_are_fixed_addresses_for_cuda_graphs(trained_c
     kv = model._adaptune_static_cache[1]
     tensors = [t for layer in kv.layers for t in (layer.keys, layer.values, layer.cumulative_length)]
     assert len(tensors) == 12 and all(getattr(t, "_dynamo_static_input_type", None) for t in tensors)
+
+
+SYNCED = """
+import json, sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, sys.argv[2])
+from test_evaluate import _tokenizer_whose_eos_occurs
+from tiny_models import tiny_model
+
+from workers.evaluate import generate_greedy
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = tiny_model("llama")
+tok, _ = _tokenizer_whose_eos_occurs(model)
+forwards = []
+model.register_forward_pre_hook(lambda *_: forwards.append(1))
+# Rank 0's rows reach EOS at 7 and 8 tokens, rank 1's never within 12.
+prompts = ["Tell me about alpacas and llamas please", "x"] if rank == 0 else ["Hi", "Why?"]
+out = {}
+for cache in ("dynamic", "static"):
+    alone, _ = generate_greedy(model, tok, prompts, 12, batch_size=2, cache=cache)
+    n_alone, forwards[:] = len(forwards), []
+    synced, _ = generate_greedy(model, tok, prompts, 12, batch_size=2, cache=cache, synced=True)
+    out[cache] = {"alone": alone, "synced": synced, "n_alone": n_alone, "n_synced": len(forwards)}
+    forwards.clear()
+Path(sys.argv[1], f"rank-{rank}.json").write_text(json.dumps(out))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_synced_ranks_decode_in_step_to_the_same_tokens(tmp_path: Path) -> None:
+    """Under ZeRO-3 every rank evaluates and each forward gathers the parameters from all of them: a rank that stops
+    decoding first (its rows reached EOS) would leave the others waiting in their next forward for good. Synced, all
+    take as many forwards, each its own tokens."""
+    import subprocess
+    import sys
+
+    from services import free_port
+
+    script = tmp_path / "synced.py"
+    script.write_text(SYNCED)
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), str(tmp_path), str(repo / "tests")]
+    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    for cache in ("dynamic", "static"):
+        alone = [r[cache]["n_alone"] for r in ranks]
+        assert alone[0] < alone[1], alone  # rank 0 alone stops first
+        assert ranks[0][cache]["n_synced"] == ranks[1][cache]["n_synced"] == alone[1]
+        assert [r[cache]["synced"] for r in ranks] == [r[cache]["alone"] for r in ranks]

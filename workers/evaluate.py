@@ -77,6 +77,8 @@ class _GreedyDecoder:
 
     `kv` is the model's preallocated `StaticCache` of (batch_size, total) slots, reset for every batch, or
     None for the dynamic protocol (a fresh `DynamicCache` per batch, finished rows dropped from it).
+    `synced`: every rank of the process group decodes in step with the others and stops when all are done
+    (ZeRO-3 across ranks: each forward gathers the parameters from every rank).
     """
 
     model: PreTrainedModel
@@ -91,6 +93,7 @@ class _GreedyDecoder:
     with_positions: bool
     last_only: dict[str, int]
     device: torch.device
+    synced: bool
 
     @property
     def static(self) -> bool:
@@ -127,9 +130,9 @@ class _GreedyDecoder:
             steps[active, step] = nxt
             n_steps = step + 1
             finished = nxt == self.eos if self.stop_at_eos else torch.zeros_like(nxt, dtype=torch.bool)
-            if self.static:  # fixed shapes: a finished row decodes on (its tokens after EOS are dropped)
+            if self.static or self.synced:  # a finished row decodes on (its tokens after EOS are dropped)
                 done |= finished
-                if bool(done.all()):
+                if self._all_done(done):
                     break
             else:
                 n_finished = int(finished.sum())
@@ -142,6 +145,15 @@ class _GreedyDecoder:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             positions = positions[:, -1:] + 1
         return steps, n_steps
+
+    def _all_done(self, done: torch.Tensor) -> bool:
+        """Whether every row is done: this rank's, or every rank's when `synced` (one all-reduce a step; a rank
+        that stopped alone would leave the others waiting in their next forward's gather for good)."""
+        if not self.synced:
+            return bool(done.all())
+        flag = done.all().to(torch.int32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
 
     def _last_logits(
         self, call: Callable, step_ids: torch.Tensor, mask: torch.Tensor, past: DynamicCache | StaticCache,
@@ -191,6 +203,7 @@ def generate_greedy(
     stop_at_eos: bool = True,
     cache: Literal["dynamic", "static"] = "dynamic",
     compile_config: CompileConfig | None = None,
+    synced: bool = False,
 ) -> tuple[list[list[int]], int]:
     """Greedy continuations of `prompts` (token ids, EOS excluded) and the number generated.
 
@@ -207,10 +220,13 @@ def generate_greedy(
     whose adapter takes no static cache (`AdapterLayer.static_cache`: prefix tuning) decodes with the
     dynamic one.
     `stop_at_eos=False` generates exactly `max_new_tokens` per prompt (benchmarks on random weights).
+    `synced=True` (every rank calls it, with as many prompts): each batch stops when every rank's is done, and
+    finished rows stay, as in the static protocol; the same tokens.
     """
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    decoder = _greedy_decoder(model, tokenizer, encoded, max_new_tokens, batch_size, stop_at_eos, cache, compile_config)
+    decoder = _greedy_decoder(model, tokenizer, encoded, max_new_tokens, batch_size, stop_at_eos, cache, compile_config,
+                              synced)
     outputs: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
@@ -234,6 +250,7 @@ def _static_cache(model: PreTrainedModel, batch_size: int, total: int) -> Static
 def _greedy_decoder(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, encoded: Sequence[list[int]], max_new_tokens: int,
     batch_size: int, stop_at_eos: bool, cache: Literal["dynamic", "static"], compile_config: CompileConfig | None,
+    synced: bool,
 ) -> _GreedyDecoder:
     """The decoder `generate_greedy`'s arguments ask for, its static cache sized for the longest of `encoded`;
     the dynamic one for a model whose adapter does not take a static cache (prefix tuning)."""
@@ -252,14 +269,17 @@ def _greedy_decoder(
         # Only the last position's logits are needed; the full prefill logits would cost batch x width x vocab.
         last_only={"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {},
         device=next(model.parameters()).device,
+        synced=synced,
     )
 
 
 @torch.no_grad()
 def generate_paper(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int,
+    synced: bool = False,
 ) -> tuple[list[list[int]], int]:
-    """The paper's protocol: one prompt at a time, beam search with 4 beams."""
+    """The paper's protocol: one prompt at a time, beam search with 4 beams (`synced`: with every rank, as
+    `generate_greedy`'s)."""
     device = next(model.parameters()).device
     outputs, generated = [], 0
     for prompt in prompts:
@@ -267,6 +287,7 @@ def generate_paper(
         seq = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=4, do_sample=False,
             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=synced or None,  # None: transformers decides, as before
         )[0, ids.shape[1]:].tolist()
         if tokenizer.eos_token_id in seq:
             seq = seq[: seq.index(tokenizer.eos_token_id)]
@@ -301,8 +322,11 @@ def evaluate(
     out_dir: Path | None = None,
     template: Template = "paper",
     on_progress: Callable[[str, TaskResult], None] | None = None,
+    synced: bool = False,
 ) -> EvalResult:
     """Accuracy of `model` on each task; predictions as JSON lines in `out_dir/<task>.jsonl`.
+
+    `synced`: every rank evaluates, in step with the others (ZeRO-3 across ranks; see `generate_greedy`).
 
     Questions are asked with the evaluation template (`workers.prompts.evaluation_prompt`), as the
     paper's evaluate.py and commonsense_evaluate.py ask them.
@@ -316,7 +340,7 @@ def evaluate(
     started = time.perf_counter()
     for name in tasks:
         info = custom_task(files[name]) if is_custom(name) else task(name)
-        res, n = _evaluate_task(model, tokenizer, info, records[name], spec, template, out_dir)
+        res, n = _evaluate_task(model, tokenizer, info, records[name], spec, template, out_dir, synced)
         result.generated_tokens += n
         result.tasks[info.name] = res
         if on_progress is not None:
@@ -328,13 +352,13 @@ def evaluate(
 
 def _evaluate_task(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, info: Task, rows: datasets.Dataset,
-    spec: EvalSpec, template: Template, out_dir: Path | None,
+    spec: EvalSpec, template: Template, out_dir: Path | None, synced: bool,
 ) -> tuple[TaskResult, int]:
     """One task's result (its predictions written to `out_dir/<task>.jsonl` when given) and the tokens generated."""
     if spec.limit is not None:
         rows = rows.select(range(min(spec.limit, len(rows))))
     prompts = [evaluation_prompt(r["instruction"], r.get("input"), template) for r in rows]
-    ids, n = _generate(model, tokenizer, prompts, new_tokens(spec, info), spec)
+    ids, n = _generate(model, tokenizer, prompts, new_tokens(spec, info), spec, synced)
     predictions = _predictions(tokenizer, info, spec, rows, prompts, ids)
     correct = sum(p["correct"] for p in predictions)
     path = None
@@ -346,16 +370,17 @@ def _evaluate_task(
 
 
 def _generate(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], budget: int, spec: EvalSpec
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], budget: int, spec: EvalSpec,
+    synced: bool,
 ) -> tuple[list[list[int]], int]:
     """The continuations of `prompts` under the spec's protocol (`paper`: beam search 4, one at a time)."""
     if spec.protocol == "paper":
-        return generate_paper(model, tokenizer, prompts, budget)
+        return generate_paper(model, tokenizer, prompts, budget, synced)
     on_gpu = model.device.type == "cuda"
     cache = spec.cache or ("static" if on_gpu else "dynamic")
     compiled = cache == "static" and compile_enabled(spec.compile, on_gpu, field="eval.compile")
     return generate_greedy(model, tokenizer, prompts, budget, spec.batch_size, cache=cache,
-                           compile_config=CompileConfig(backend=compile_backend()) if compiled else None)
+                           compile_config=CompileConfig(backend=compile_backend()) if compiled else None, synced=synced)
 
 
 def _predictions(

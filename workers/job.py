@@ -276,9 +276,10 @@ def evaluate_trained(spec: TrialSpec, trial: Built, record: Record) -> dict[str,
     if not record.evaluates(spec):
         return {}
     uncompile_decoder_layers(trial.trainer.engine.module)  # the evaluation compiles its own way
+    # Under ZeRO-3 every rank evaluates (each forward gathers the parameters from all): in step, with several.
     result = evaluate(trial.trainer.engine.module, trial.tokenizer, spec.data.eval, spec.eval,
                       root=data_root(spec.data.data_root), out_dir=record.predictions_dir,
-                      template=spec.data.template)
+                      template=spec.data.template, synced=spec.train.zero_stage == 3 and trial.trainer.world > 1)
     return {**result.metrics(), "eval_seconds": result.seconds,
             "eval_tokens_per_s": result.generated_tokens / max(result.seconds, 1e-9)}
 
