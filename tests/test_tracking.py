@@ -195,6 +195,39 @@ def test_system_metrics_are_sampled_into_every_run(store: str, monkeypatch) -> N
     tracker.finish(TrialStatus.SUCCEEDED)
 
 
+@pytest.mark.parametrize(("visible", "handles"), [
+    (None, ["gpu0", "gpu1", "gpu2", "gpu3"]),  # unset: every GPU, as NVML counts them
+    ("2,3", ["gpu2", "gpu3"]),                 # Ray's choice for a trial: its gpu_0 is the machine's GPU 2
+    ("GPU-c0ffee,1", ["uuid:GPU-c0ffee", "gpu1"]),
+    ("1,x,2", ["gpu1"]),                       # CUDA reads up to the first entry it cannot parse
+    ("", None),                                # no GPU: no GPU metrics
+])
+def test_system_metrics_cover_the_trials_own_gpus(visible: str | None, handles: list[str] | None, store: str,
+                                                  monkeypatch) -> None:
+    """NVML numbers the machine's GPUs and ignores CUDA_VISIBLE_DEVICES: a trial's `system/gpu_0_*` was the
+    machine's first GPU, whoever held it. A stand-in NVML of four GPUs."""
+    import sys
+    import types
+
+    from mlflow.system_metrics.metrics import gpu_monitor
+
+    from workers.system_metrics import SpooledSystemMetrics
+
+    nvml = types.SimpleNamespace(NVMLError=RuntimeError, nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 4,
+                                 nvmlDeviceGetHandleByIndex=lambda i: f"gpu{i}",
+                                 nvmlDeviceGetHandleByUUID=lambda uuid: f"uuid:{uuid}")
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(gpu_monitor, "pynvml", nvml, raising=False)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monitor = SpooledSystemMetrics(lambda metrics, step: None, "0" * 32, store, interval_s=1.0, resumed=False)
+    gpus = [m for m in monitor.monitors if isinstance(m, gpu_monitor.GPUMonitor)]
+    assert (gpus[0].gpu_handles if gpus else None) == handles
+    assert not gpus or gpus[0].num_gpus == len(handles)
+
+
 # --- what MLflow's UI shows of a run --------------------------------------------------------------------------
 
 def test_experiments_are_created_as_model_training(store: str) -> None:

@@ -11,11 +11,32 @@ MLflow's own sampler logs through a client of its own and ends for good at its f
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
+from typing import Any
 
+from mlflow.system_metrics.metrics.base_metrics_monitor import BaseMetricsMonitor
+from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 logger = logging.getLogger(__name__)
+
+
+def visible_gpu_handles(nvml: Any, visible: str | None) -> list[Any] | None:
+    """NVML's handles of the GPUs a process sees, in its CUDA order; None where CUDA_VISIBLE_DEVICES is unset (every
+    GPU). NVML numbers the machine's GPUs and ignores that variable; entries are indices or GPU-/MIG- UUIDs, and
+    CUDA stops reading at the first it cannot parse."""
+    if visible is None:
+        return None
+    handles = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isdigit():
+            handles.append(nvml.nvmlDeviceGetHandleByIndex(int(entry)))
+        elif entry.startswith(("GPU-", "MIG-")):
+            handles.append(nvml.nvmlDeviceGetHandleByUUID(entry))
+        else:
+            break
+    return handles
 
 
 class SpooledSystemMetrics(SystemMetricsMonitor):
@@ -26,6 +47,20 @@ class SpooledSystemMetrics(SystemMetricsMonitor):
                  interval_s: float, resumed: bool) -> None:
         super().__init__(run_id, sampling_interval=interval_s, resume_logging=resumed, tracking_uri=uri)
         self._log = log
+
+    def _initialize_gpu_monitor(self) -> BaseMetricsMonitor | None:
+        """MLflow's GPU monitor over the trial's own GPUs, `gpu_<i>` its `cuda:<i>` (MLflow's covers every GPU of
+        the machine, numbered physically: a trial's `gpu_0` was the machine's first, whoever held it)."""
+        monitor = super()._initialize_gpu_monitor()
+        if isinstance(monitor, GPUMonitor):
+            import pynvml
+
+            handles = visible_gpu_handles(pynvml, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            if handles is not None:
+                if not handles:
+                    return None
+                monitor.gpu_handles, monitor.num_gpus = handles, len(handles)
+        return monitor
 
     def monitor(self) -> None:
         """Sample, wait, log; until `finish`. Only an error of the tracker itself (an outage past its
