@@ -333,7 +333,7 @@ def _spooled(folder: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_sweep_trains_through_an_mlflow_server_outage_into_the_clean_record(tmp_path: Path) -> None:
+def test_a_sweep_trains_through_an_mlflow_server_outage_into_the_clean_record(tmp_path: Path, monkeypatch) -> None:
     """The issue's rows "MLflow server down 60 s" and "down 330 s": a real `adaptune run` whose `mlflow server`
     stops after the trial's first checkpoint and starts again OUTAGE_S later (down 40-100 s in all here); the
     trial trains on meanwhile, and the sweep exits 0 with the record of the same trial run without an outage
@@ -353,6 +353,8 @@ def test_a_sweep_trains_through_an_mlflow_server_outage_into_the_clean_record(tm
 
     port, backend, artifacts = free_port(), f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "artifacts"
     log = tmp_path / "driver.log"
+    # The trial's system samples every 0.5 s (5 s by default): it trains on for a few seconds into the outage only.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     with mlflow_server(backend, artifacts, port=port, timeout_s=300, workers=1) as url:
         sweep = tiny_sweep(tmp_path, "outage", ONE, train={"epochs": 4}, tracking={"uri": url, "experiment": "outage"})
         driver, trials, _ = _run_until_a_checkpoint(tmp_path, sweep, "outage", output=log)
@@ -368,8 +370,10 @@ def test_a_sweep_trains_through_an_mlflow_server_outage_into_the_clean_record(tm
     spooled = _spooled(folder)
     spooled_steps = sorted({c["step"] for c in spooled if c["op"] == "metrics" and "train_loss" in c["metrics"]})
     assert spooled_steps and spooled_steps[0] > 3, spooled
-    # The system metrics are sampled on through the outage, into the spool too.
-    assert any(key.startswith("system/") for c in spooled if c["op"] == "metrics" for key in c["metrics"])
+    # The system metrics are sampled on through the outage, into the spool too: one before it ends.
+    while not any(key.startswith("system/") for c in _spooled(folder) if c["op"] == "metrics" for key in c["metrics"]):
+        assert time.monotonic() < stopped + OUTAGE_S, "no system sample spooled during the outage"
+        time.sleep(0.5)
     time.sleep(max(0.0, stopped + OUTAGE_S - time.monotonic()))
     with mlflow_server(backend, artifacts, port=port, timeout_s=300, workers=1) as url:
         down_s = time.monotonic() - stopped
