@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, CompileConfig, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from workers.compile import compile_counts
 from workers.data import load_records
 from workers.errors import ConfigError
 from workers.evaluate import generate_greedy
@@ -98,18 +99,6 @@ def timed(fn: Callable[[], int], device: str) -> tuple[int, float]:
     tokens = fn()
     sync()
     return tokens, time.perf_counter() - start
-
-
-def compile_counts() -> tuple[int, int]:
-    """(graphs dynamo has compiled, frames it gave up on and ran eagerly) in this process so far.
-
-    A timed call must add to neither: a compile inside it is warm-up counted as throughput, and a
-    frame left eager (past `torch._dynamo.config.recompile_limit`, which every shape and every
-    caller of one compiled function count against) is an eager figure labelled compiled.
-    """
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"], counters["frames"]["total"] - counters["frames"]["ok"]
 
 
 def cudagraph_skips() -> int:

@@ -118,6 +118,7 @@ def eval_unit(opts: dict[str, Any], save: Callable[[dict[str, Any]], None]) -> d
     import eval_throughput
     import torch
 
+    from workers.compile import compile_counts
     from workers.data import data_root
     from workers.evaluate import generate_greedy
     from workers.model_loading import byte_tokenizer
@@ -163,15 +164,16 @@ def eval_unit(opts: dict[str, Any], save: Callable[[dict[str, Any]], None]) -> d
         with torch.no_grad():
             if name.endswith("static"):  # compiles for this batch's shapes
                 _, row["warmup_s"] = eval_throughput.timed(fn, device)
-            before = eval_throughput.compile_counts()
+            before = compile_counts()
             tokens, seconds = eval_throughput.timed(fn, device)
-            compiled, eager = (a - b for a, b in zip(eval_throughput.compile_counts(), before, strict=True))
+            compiled, eager = (a - b for a, b in zip(compile_counts(), before, strict=True))
         row.update(prompts=batch, generated_tokens=tokens, seconds=round(seconds, 3),
                    tokens_per_s=round(tokens / seconds, 1))
         if compiled or eager:  # not the steady state its name says: the goals take no value from it
             row["invalid"] = f"its timed call compiled {compiled} graphs and left {eager} frames eager"
-        if eval_throughput.cudagraph_skips() > skips:
-            row["cuda_graphs_skipped"] = eval_throughput.cudagraph_skips() - skips
+        skipped = eval_throughput.cudagraph_skips() - skips
+        if skipped:
+            row["cuda_graphs_skipped"] = skipped
         report["methods"].setdefault(f"b{batch}", {})[name] = row
         save(report)
     return report

@@ -66,7 +66,8 @@ def test_gpu_suite_tiny_runs_every_part(tmp_path: Path) -> None:
 
 def test_compile_counts_see_a_recompile_and_an_eager_fallback() -> None:
     import torch
-    from eval_throughput import compile_counts
+
+    from workers.compile import compile_counts
 
     double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
     double(torch.ones(2))

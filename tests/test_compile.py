@@ -10,7 +10,7 @@ from tiny_models import FAMILIES, tiny_model
 
 from workers.adapters.config import CONFIGS
 from workers.adapters.registry import inject
-from workers.compile import compile_decoder_layers, compile_enabled
+from workers.compile import compile_counts, compile_decoder_layers, compile_enabled
 from workers.loss import causal_lm_loss
 from workers.spec import TrainSpec
 
@@ -77,8 +77,6 @@ TRAINED_METHODS = {  # placements every family has (fused q, k, v included)
 def _graphs_of_training(method: str, family: str, layers: int, methods: dict = TRAINED_METHODS) -> tuple[int, int]:
     """(graphs dynamo compiled, frames it left eager) for two training steps (the loss, the method's extra
     term, the backward) and a validation forward of a regionally compiled model `layers` deep."""
-    from torch._dynamo.utils import counters
-
     from workers.adapters.registry import extra_loss
     from workers.loss import lm_loss
 
@@ -90,14 +88,14 @@ def _graphs_of_training(method: str, family: str, layers: int, methods: dict = T
     compile_decoder_layers(model, backend="eager")
     ids = torch.randint(3, 259, (2, 9), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    before = counters["stats"]["unique_graphs"], counters["frames"]["total"] - counters["frames"]["ok"]
+    before = compile_counts()
     for _ in range(2):
         loss = causal_lm_loss(model, model, batch)
         extra = extra_loss(model, batch, config)
         (loss if extra is None else loss + extra).backward()
     with torch.no_grad():
         lm_loss(model, batch)  # the trainer's validation forward
-    after = counters["stats"]["unique_graphs"], counters["frames"]["total"] - counters["frames"]["ok"]
+    after = compile_counts()
     return after[0] - before[0], after[1] - before[1]
 
 

@@ -70,3 +70,15 @@ def uncompile_decoder_layers(model: nn.Module) -> None:
     """
     for layer in model.get_submodule(family_for(model.config).layers):
         layer._compiled_call_impl = None
+
+
+def compile_counts() -> tuple[int, int]:
+    """(graphs dynamo has compiled, frames it gave up on and ran eagerly) in this process so far.
+
+    A timed call must add to neither: a compile inside it is warm-up counted as throughput, and a
+    frame left eager (past `torch._dynamo.config.recompile_limit`, which every shape and every
+    caller of one compiled function count against) is an eager figure labelled compiled.
+    """
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], counters["frames"]["total"] - counters["frames"]["ok"]
