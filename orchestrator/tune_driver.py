@@ -286,20 +286,14 @@ def _tune_settings() -> Iterator[None]:
     table replaces."""
     loggers = [logging.getLogger(name) for name in TUNE_ERROR_LOGGERS]
     levels = [logger.level for logger in loggers]
-    saved = {name: os.environ.get(name) for name in TUNE_SETTINGS}
-    os.environ.update(TUNE_SETTINGS)
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
     try:
-        yield
+        with environment({**os.environ, **TUNE_SETTINGS}):
+            yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
 
 
 def cluster_address(address: str | None) -> str | None:
