@@ -17,7 +17,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # wait on process start-up, so two share a 2-core machine well.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-fast lint venv lock drift clean
+.PHONY: demo test test-fast lint venv lock drift gpu-bundle clean
 
 # The lock is checked against pyproject.toml before anything is installed. torch comes through pip,
 # which honours the machine's own indexes (a CPU wheel where it has one), every other package
@@ -80,5 +80,10 @@ drift:
 		'transformers', transformers.__version__, 'peft', peft.__version__)"
 	$(DRIFT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_adapters*.py
 
+# What bench/gpu_run.sh installs on a lent GPU machine with no network: the lock's wheels for its Python (3.12)
+# of what the suite imports beside its own torch, and the GSM8K test set, in .gpu-run/ (about 38 MiB).
+gpu-bundle: venv
+	$(BIN)/python bench/gpu_bundle.py
+
 clean:
-	rm -rf $(VENV) $(DRIFT_VENV) .cache .pytest_cache mlflow.db mlartifacts runs
+	rm -rf $(VENV) $(DRIFT_VENV) .cache .pytest_cache mlflow.db mlartifacts runs .gpu-run

@@ -1,8 +1,12 @@
 """Every performance claim in one command: training, evaluation and GPU sharing, each part within its budget.
 
-The prepared GPU run (one H100/H200, no network, about 8 minutes):
+The prepared GPU run (one H100/H200, about 8 minutes), on a machine with the lock's environment:
 
     python bench/gpu_suite.py --out bench/results/gpu-<name>.json
+
+and on a lent one that reaches no network and has its own Python and CUDA torch: `make gpu-bundle` here, then
+`bash bench/gpu_run.sh` there with `.gpu-run/` carried (bench/gpu_bundle.py says what it holds). The JSON
+records the versions it ran with.
 
     python bench/gpu_suite.py --tiny --out /tmp/tiny.json     # the same code paths on a CPU, <= 90 s
 
@@ -53,6 +57,8 @@ sys.path[:0] = [str(BENCH), str(REPO)]
 
 PRELOAD = ["torch", "transformers", "deepspeed", "peft", "workers.job", "workers.evaluate", "train_throughput",
            "eval_throughput"]
+# Their versions go into the JSON: a lent machine's own torch is not the lock's (bench/gpu_bundle.py).
+VERSIONS_OF = ("torch", "triton", "transformers", "deepspeed", "peft")
 PARTS = ("train-7b", "eval", "share", "train-1b")
 BUDGETS = {"train-7b": 170, "eval": 180, "share": 50, "train-1b": 60}  # + about 20 s to start: <= 8 minutes
 TINY_BUDGETS = {"train-7b": 35, "eval": 15, "share": 20, "train-1b": 0}  # + about 20 s to start
@@ -87,14 +93,23 @@ GOALS = (  # (name, part, value path, target, "min" | "max")
 # --- units: each runs in its own forked process -----------------------------------------------------------------
 
 def ready_unit() -> dict[str, Any]:
-    """The first unit: it waits for the fork server's imports, outside every part's budget, and checks
-    that a forked process can use CUDA (the server must not have initialised it)."""
+    """The first unit: it waits for the fork server's imports, outside every part's budget, checks that a
+    forked process can use CUDA (the server must not have initialised it) and says what it runs on."""
+    import importlib.metadata
+
     import torch
 
+    versions: dict[str, str | None] = {}
+    for dist in VERSIONS_OF:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:  # triton beside a CPU build of torch
+            versions[dist] = None
+    versions.update(python=sys.version.split()[0], cuda=torch.version.cuda)
     if not torch.cuda.is_available():
-        return {"device": "cpu"}
+        return {"device": "cpu", "versions": versions}
     torch.ones(1, device="cuda").sum().item()
-    return {"device": torch.cuda.get_device_name(0)}
+    return {"device": torch.cuda.get_device_name(0), "versions": versions}
 
 
 def train_unit(shape: str, variant: str, opts: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +223,7 @@ class Suite:
         os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload(PRELOAD)
-        self.work = self.out.with_suffix(".units")
+        self.work = Path(args.units or self.out.with_suffix(".units"))
         self.work.mkdir(parents=True, exist_ok=True)
         self.report: dict[str, Any] = {"suite": "gpu_suite", "tiny": args.tiny, "command": " ".join(sys.argv),
                                        "budgets_s": args.budgets, "parts": {}, "timings_s": {}}
@@ -409,6 +424,7 @@ def main() -> None:
                              "(the issue's anchor: about 2 minutes at 7B; give train-7b a larger budget)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--units", default=None, help="each unit's own JSON (default: beside --out, .units)")
     args = parser.parse_args()
     budgets = dict(TINY_BUDGETS if args.tiny else BUDGETS)
     for item in args.budget:
@@ -431,6 +447,7 @@ def main() -> None:
         ready = suite.run("ready-spawn", "ready_unit", deadline=time.monotonic() + 600)
     suite.report["timings_s"]["start"] = round(time.monotonic() - begin, 1)
     suite.report["device"] = ready.get("device", ready.get("error"))
+    suite.report["versions"] = ready.get("versions")
     suite.save()
     for part in parts:
         part_start = time.monotonic()

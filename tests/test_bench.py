@@ -105,3 +105,42 @@ def test_mfu_counts_the_matmuls_and_attention_of_llama_7b_but_not_its_embedding_
     assert flops_per_token("7b", seq) == 4 * linear + 12 * layers * d * seq
     raw = {"tokens_per_s": 10_000.0, "peak_memory_bytes": 2**30, "flops_per_token": flops_per_token("7b", seq)}
     assert describe(raw, 989.0, on_gpu=True)["mfu"] == round(26_830_962_688 * 10_000 / 989e12, 4)
+
+
+@pytest.mark.slow
+def test_the_gpu_bundle_carries_what_the_suite_imports_at_the_locks_versions_but_the_machines_own_stack() -> None:
+    import gpu_bundle
+
+    lock = gpu_bundle.locked()
+    carry, image = gpu_bundle.needed(gpu_bundle.owners(gpu_bundle.imported_files()), lock)
+    names = {gpu_bundle.canonical(d) for d in carry}
+    # What a lent GPU machine lacks (DeepSpeed, MLflow's client, datasets) or holds at other versions.
+    assert {"deepspeed", "transformers", "huggingface-hub", "peft", "datasets", "mlflow-skinny", "pydantic",
+            "pydantic-core", "tokenizers"} <= names
+    assert all(version == lock[gpu_bundle.canonical(d)] for d, version in carry.items())
+    # Its own CUDA build of torch and what is compiled against it; MLflow's server and what accelerate only
+    # imports because it is installed here are not carried.
+    assert {"torch", "numpy"} <= set(image)
+    assert not names & {"torch", "numpy", "boto3", "botocore", "mlflow", "ray"}
+    assert not any(n.startswith(("nvidia-", "cuda-")) for n in names)
+
+
+def test_the_gpu_bundle_refuses_a_venv_that_is_not_the_locks() -> None:
+    import gpu_bundle
+
+    with pytest.raises(SystemExit, match=r"transformers 5\.0\.0 \(lock: 5\.1\.0\)"):
+        gpu_bundle.needed({"transformers": "5.0.0", "torch": "2.11.0"}, {"transformers": "5.1.0"})
+    assert gpu_bundle.needed({"transformers": "5.1.0", "torch": "2.11.0"}, {"transformers": "5.1.0"}) == (
+        {"transformers": "5.1.0"}, ["torch"])
+
+
+def test_the_gpu_run_refuses_a_bundle_built_for_another_python(tmp_path: Path) -> None:
+    (tmp_path / "bundle.json").write_text(json.dumps({"python_version": "2.7"}))
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable, "BUNDLE": str(tmp_path),
+                               "OUT": str(tmp_path / "out")})
+    have = "{}.{}".format(*sys.version_info[:2])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: {tmp_path}/bundle.json: python_version: built for 2.7; {sys.executable} "
+                                   f"is {have} (bench/gpu_bundle.py --python-version {have})")
+    assert not (tmp_path / "out").exists()
