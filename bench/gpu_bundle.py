@@ -22,12 +22,12 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import zipfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -57,28 +57,24 @@ print(json.dumps(sorted({m.__file__ for m in list(sys.modules.values()) if getat
 """
 
 
-def imported_files() -> list[Path]:
+def imported_files() -> list[str]:
     """Every module file the suite's fork server preloads, in a fresh interpreter: what the units import later
     comes from these or from the machine's torch (a --tiny run over this bundle beside another Python's own
     packages found nothing missing)."""
     out = subprocess.run([sys.executable, "-c", _IMPORTED, str(BENCH), str(REPO)], capture_output=True, text=True,
                          check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    return [Path(f) for f in json.loads(out.stdout.splitlines()[-1])]
-
-
-def canonical(dist: str) -> str:
-    return dist.lower().replace("_", "-")
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def from_image(dist: str) -> bool:
-    return canonical(dist) in FROM_IMAGE or canonical(dist).startswith(FROM_IMAGE_PREFIXES)
+    return canonicalize_name(dist) in FROM_IMAGE or canonicalize_name(dist).startswith(FROM_IMAGE_PREFIXES)
 
 
-def owners(files: list[Path]) -> dict[str, str]:
-    """{distribution: its installed version} owning `files`; a file several distributions install (mlflow's
-    skinny, tracing and full packages) counts for the one of fewest files, the least to carry."""
-    site = [os.path.realpath(sysconfig.get_paths()[k]) + os.sep for k in ("purelib", "platlib")]
-    wanted = {p for p in map(os.path.realpath, map(str, files)) if p.startswith(tuple(site))}
+def owners(files: list[str]) -> dict[str, str]:
+    """{distribution: its installed version} owning `files` (the standard library's and this repository's have
+    none); a file several distributions install (mlflow's skinny, tracing and full packages) counts for the one of
+    fewest files, the least to carry."""
+    wanted = set(map(os.path.realpath, files))
     candidates: dict[str, list[tuple[int, str, str]]] = {}  # path: [(files, name, version)]
     for dist in md.distributions():
         root, recorded = os.path.realpath(str(dist.locate_file(""))), dist.files or []
@@ -97,15 +93,14 @@ def owners(files: list[Path]) -> dict[str, str]:
 
 def locked() -> dict[str, str]:
     """{canonical name: version} of requirements.lock."""
-    pins = (line.split(";")[0].strip().split("==", 1) for line in lockfile.requirements(lockfile.LOCK))
-    return {canonical(name): version for name, version in pins}
+    return {canonicalize_name(name): version for name, version in lockfile.pins(lockfile.LOCK).items()}
 
 
 def needed(dists: dict[str, str], lock: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """({distribution: the lock's version} to carry, the names the machine's image brings) of `dists`,
     the installed versions here; one that is not the lock's (a venv made otherwise than `make venv`) fails."""
-    carry = {d: v for d, v in dists.items() if not from_image(d) and canonical(d) not in NOT_USED}
-    off = {d: (v, lock.get(canonical(d))) for d, v in carry.items() if lock.get(canonical(d)) != v}
+    carry = {d: v for d, v in dists.items() if not from_image(d) and canonicalize_name(d) not in NOT_USED}
+    off = {d: (v, lock.get(canonicalize_name(d))) for d, v in carry.items() if lock.get(canonicalize_name(d)) != v}
     if off:
         raise SystemExit("error: installed here at other versions than requirements.lock's (make venv): "
                          + ", ".join(f"{d} {have} (lock: {want})" for d, (have, want) in off.items()))
@@ -153,7 +148,7 @@ def image_requirements(wheels: list[Path], python_version: str) -> dict[str, lis
                 continue
             req = Requirement(line.removeprefix("Requires-Dist:").strip())
             if from_image(req.name) and (req.marker is None or req.marker.evaluate(env)):
-                needs.setdefault(canonical(req.name), []).append((str(req.specifier), by))
+                needs.setdefault(canonicalize_name(req.name), []).append((str(req.specifier), by))
     return dict(sorted(needs.items()))
 
 

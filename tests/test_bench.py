@@ -110,14 +110,15 @@ def test_mfu_counts_the_matmuls_and_attention_of_llama_7b_but_not_its_embedding_
 @pytest.mark.slow
 def test_the_gpu_bundle_carries_what_the_suite_imports_at_the_locks_versions_but_the_machines_own_stack() -> None:
     import gpu_bundle
+    from packaging.utils import canonicalize_name
 
     lock = gpu_bundle.locked()
     carry, image = gpu_bundle.needed(gpu_bundle.owners(gpu_bundle.imported_files()), lock)
-    names = {gpu_bundle.canonical(d) for d in carry}
+    names = {canonicalize_name(d) for d in carry}
     # What a lent GPU machine lacks (DeepSpeed, MLflow's client, datasets) or holds at other versions.
     assert {"deepspeed", "transformers", "huggingface-hub", "peft", "datasets", "mlflow-skinny", "pydantic",
             "pydantic-core", "tokenizers"} <= names
-    assert all(version == lock[gpu_bundle.canonical(d)] for d, version in carry.items())
+    assert all(version == lock[canonicalize_name(d)] for d, version in carry.items())
     # Its own CUDA build of torch and what is compiled against it; MLflow's server and what accelerate only
     # imports because it is installed here are not carried.
     assert {"torch", "numpy"} <= set(image)

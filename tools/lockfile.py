@@ -86,12 +86,16 @@ def cpu(lock: str = str(LOCK)) -> int:
     return 0
 
 
+def pins(lock: Path) -> dict[str, str]:
+    """{name as the lock spells it: its version}."""
+    return dict(line.split(";")[0].strip().split("==", 1) for line in requirements(lock))
+
+
 def pin(name: str, lock: str = str(LOCK)) -> int:
-    for line in requirements(Path(lock)):
-        if line.split(";")[0].strip().startswith(f"{name}=="):
-            print(line.split(";")[0].strip().split("==", 1)[1])
-            return 0
-    return fail(f"{name} is not in {lock}")
+    if name not in (locked := pins(Path(lock))):
+        return fail(f"{name} is not in {lock}")
+    print(locked[name])
+    return 0
 
 
 def fail(message: str) -> int:
