@@ -16,6 +16,10 @@ out=${OUT:-bench/results}
 site=${SITE:-/tmp/adaptune-site}
 work=${WORK:-/tmp/adaptune-gpu-run}
 
+if [ ! -f "$bundle/bundle.json" ]; then
+    echo "error: $bundle/bundle.json: no bundle here (make gpu-bundle where PyPI is reachable, then carry $bundle)" >&2
+    exit 2
+fi
 want=$($python -c 'import json, sys; print(json.load(open(sys.argv[1]))["python_version"])' "$bundle/bundle.json")
 have=$($python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 if [ "$want" != "$have" ]; then

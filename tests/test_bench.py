@@ -145,3 +145,12 @@ def test_the_gpu_run_refuses_a_bundle_built_for_another_python(tmp_path: Path) -
     assert proc.stderr.strip() == (f"error: {tmp_path}/bundle.json: python_version: built for 2.7; {sys.executable} "
                                    f"is {have} (bench/gpu_bundle.py --python-version {have})")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_gpu_run_without_a_bundle_says_so_in_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh")], capture_output=True, text=True,
+                          env={**os.environ, "BUNDLE": str(tmp_path / "none"), "OUT": str(tmp_path / "out")})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: {tmp_path}/none/bundle.json: no bundle here (make gpu-bundle where PyPI "
+                                   f"is reachable, then carry {tmp_path}/none)")
+    assert not (tmp_path / "out").exists()
