@@ -32,6 +32,7 @@ from workers.adapters.registry import enable_gradient_checkpointing, extra_loss
 from workers.compile import compile_decoder_layers, compile_enabled
 from workers.data import TrainData, collate, micro_batches, to_device
 from workers.errors import ConfigError
+from workers.extension_build import exclusive_build
 from workers.loss import causal_lm_loss, lm_loss
 from workers.names import PEAK_MEMORY_GB, TRAIN_LOSS, VAL_LOSS
 from workers.results import Report, TrainOutcome
@@ -48,8 +49,21 @@ def init_distributed(backend: str) -> tuple[int, int]:
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
+    build_comm_op()
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()
+
+
+def build_comm_op() -> None:
+    """Build (or load) the shared-memory comm op DeepSpeed's CPU accelerator JIT-compiles as its backend starts,
+    ahead of it and by `exclusive_build`: a build killed before would otherwise leave every later start waiting.
+    Other accelerators have no such op."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # as deepspeed.comm.torch.build_shm_op
+    if builder is not None and builder.is_compatible(verbose=False):
+        with exclusive_build(builder.name):
+            builder.load(verbose=False)  # DeepSpeed's own call then finds it loaded
 
 
 def resolve_precision(precision: str, on_gpu: bool) -> torch.dtype:
