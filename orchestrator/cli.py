@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -14,6 +15,9 @@ from orchestrator import worker_commands
 from orchestrator.cli_shared import TRUST_REMOTE_CODE, check_store, writable_folder
 from workers.errors import ConfigError
 from workers.names import MACRO_ACCURACY, REPORT_ARTIFACT, SWEEP_FILE
+
+if TYPE_CHECKING:
+    from orchestrator.tune_driver import SweepEnd
 
 app = typer.Typer(
     name="adaptune",
@@ -82,17 +86,30 @@ def _make_storage(root: Path, file: str) -> None:
         shutil.move(root, root.with_name(f"{root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
-def _finish(sweep: Any, rows: list[dict[str, Any]], failures: list[tuple[str, str]]) -> None:
-    """The closing lines of `run` and `resume`: every trial, then the failed ones with their causes (exit 1)."""
+def _finish(sweep: Any, end: SweepEnd) -> None:
+    """The closing lines of `run` and `resume`: every trial, then the failed ones with their causes (exit 1), or,
+    when the sweep was interrupted before its trials ended, how many did not and the command that continues them
+    (exit 130, a shell's code for Ctrl-C)."""
+    from orchestrator.sweep import experiment_dir
     from workers.redaction import redact_text, redact_value
 
-    _print_rows(rows)
-    typer.echo(f"done: {len(rows)} trials in experiment {sweep.experiment!r} at {redact_value(sweep.tracking.uri)}")
-    if failures:
-        typer.echo(f"failed: {len(failures)} trials", err=True)
-        width = max(len(name) for name, _ in failures)
-        for name, cause in failures:
+    _print_rows(end.rows)
+    where = f"in experiment {sweep.experiment!r} at {redact_value(sweep.tracking.uri)}"
+    if end.unfinished:
+        typer.echo(f"interrupted: {len(end.rows)} trials {where}", err=True)
+    else:
+        typer.echo(f"done: {len(end.rows)} trials {where}")
+    if end.failures:
+        typer.echo(f"failed: {len(end.failures)} trials", err=True)
+        width = max(len(name) for name, _ in end.failures)
+        for name, cause in end.failures:
             typer.echo(f"  {name:<{width}}  {redact_text(cause)}", err=True)
+    if end.unfinished:
+        storage = experiment_dir(sweep).parent
+        typer.echo(f"unfinished: {end.unfinished} trials; continue them: adaptune resume {sweep.name} "
+                   f"--storage {shlex.quote(str(storage))}", err=True)
+        raise typer.Exit(130)
+    if end.failures:
         raise typer.Exit(1)
     typer.echo("compare them: adaptune ui   (MLflow UI on http://127.0.0.1:5000)")
 
@@ -123,8 +140,7 @@ def run(
     from orchestrator.tune_driver import run as run_sweep
 
     _make_storage(root, str(sweep_file))
-    rows, failures = run_sweep(sweep, points, sweep_file, address=address, resume=False)
-    _finish(sweep, rows, failures)
+    _finish(sweep, run_sweep(sweep, points, sweep_file, address=address, resume=False))
 
 
 def _saved_sweep(name: str, storage: Path) -> Path:
@@ -168,8 +184,7 @@ def resume(
                                       address=address)
     from orchestrator.tune_driver import run as run_sweep
 
-    rows, failures = run_sweep(sweep, points, saved, address=address, resume=True)
-    _finish(sweep, rows, failures)
+    _finish(sweep, run_sweep(sweep, points, saved, address=address, resume=True))
 
 
 @app.command()

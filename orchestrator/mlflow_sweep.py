@@ -26,6 +26,7 @@ from workers.names import (
     ERROR_TAG,
     GIT_SHA_TAG,
     GPU_HOURS,
+    INTERRUPTED_TAG,
     MACRO_ACCURACY,
     PARENT_TAG,
     PREDICTIONS_ARTIFACT,
@@ -87,6 +88,8 @@ def start_parent(uri: str, sweep: SweepSpec, file: Path, points: Sequence[Point]
         found = find_parent(client, sweep.experiment, sweep.name)
         if found is not None:
             client.update_run(found.info.run_id, status="RUNNING")
+            if INTERRUPTED_TAG in found.data.tags:
+                client.delete_tag(found.info.run_id, INTERRUPTED_TAG)
             return found.info.run_id
     exp_id = experiment_id(client, sweep.experiment, uri)
     save_runs_view(client, exp_id, sweep.search.metric)
@@ -191,9 +194,13 @@ def trial_counts(statuses: Iterable[str]) -> dict[str, int]:
 
 
 def finish_parent(
-    uri: str, parent_id: str, *, failed: bool, metric: str = MACRO_ACCURACY, mode: str = "max"
+    uri: str, parent_id: str, *, failed: bool, unfinished: int = 0, metric: str = MACRO_ACCURACY, mode: str = "max"
 ) -> list[dict[str, Any]]:
-    """Close stragglers, log the summary table, the cost totals and the report on the parent run."""
+    """Close stragglers, log the summary table, the cost totals and the report on the parent run.
+
+    Its status: KILLED while `unfinished` trials of the sweep (started or not) did not finish (an interrupted
+    `run`, for `resume`), else FAILED when a trial failed, else FINISHED.
+    """
     client = mlflow_client(uri)
     close_stragglers(client, parent_id)
     parent = client.get_run(parent_id)
@@ -203,11 +210,15 @@ def finish_parent(
         client.log_metric(parent_id, f"total_{cost}", total)
     for name, count in trial_counts(r["status"] for r in rows).items():
         client.log_metric(parent_id, name, count)
+    client.log_metric(parent_id, "trials_unfinished", unfinished)
+    if unfinished:
+        name = parent.data.tags.get(SWEEP_TAG, parent.info.run_name)
+        client.set_tag(parent_id, INTERRUPTED_TAG, f"{unfinished} trials did not finish: adaptune resume {name}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_csv(rows, folder / SUMMARY_CSV)
         if rows:
             build_report(uri, parent_id, folder, metric=metric, mode=mode)
         client.log_artifacts(parent_id, str(folder), artifact_path=REPORT_ARTIFACT)
-    client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
+    client.set_terminated(parent_id, status="KILLED" if unfinished else "FAILED" if failed else "FINISHED")
     return rows

@@ -438,9 +438,30 @@ def _prepare_store(uri: str, experiment: str) -> None:
     mlflow_sweep.prepare_store(uri, experiment)
 
 
+@dataclass(frozen=True)
+class SweepEnd:
+    """How a `run` or `resume` left its sweep: a summary row per trial that has a run, the failed trials with their
+    causes, and how many of the sweep's trials, started or not, did not finish (Ctrl-C stops Tune early)."""
+
+    rows: list[dict[str, Any]]
+    failures: list[tuple[str, str]]
+    unfinished: int
+
+
+def unfinished_trials(experiment_path: str, planned: int) -> int:
+    """Of the `planned` trials, how many Tune neither finished nor failed (a scheduler's stop is an end) in the state
+    it saved, the one `resume` restores, or never created.
+
+    Not from the result grid `fit` returns: on Ctrl-C, Tune saves its state, then marks every trial it stops as it
+    cleans up TERMINATED in memory, as if it had finished.
+    """
+    saved = tune.ExperimentAnalysis(experiment_path).trials
+    return planned - sum(trial.status in ("TERMINATED", "ERROR") for trial in saved)
+
+
 def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | None, resume: bool,
-        progress: bool = True) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Run (or resume) a sweep to the end; returns the summary rows of its trials and its failures."""
+        progress: bool = True) -> SweepEnd:
+    """Run (or resume) a sweep until its trials end or Tune is interrupted."""
     root = experiment_dir(sweep)
     root.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -483,6 +504,7 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
         results = tuner.fit()
     # A trial out of memory is no Tune error (resume would retry it blindly), but the sweep did not finish it.
     failed = sorted(failures(results) + mlflow_sweep.out_of_memory(uri, parent))
-    rows = mlflow_sweep.finish_parent(uri, parent, failed=bool(failed), metric=sweep.search.metric,
-                                      mode=sweep.search.mode)
-    return rows, failed
+    unfinished = unfinished_trials(results.experiment_path, len(points) or sweep.search.num_samples)
+    rows = mlflow_sweep.finish_parent(uri, parent, failed=bool(failed), unfinished=unfinished,
+                                      metric=sweep.search.metric, mode=sweep.search.mode)
+    return SweepEnd(rows, failed, unfinished)

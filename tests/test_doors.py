@@ -63,6 +63,7 @@ def test_a_sweeps_secrets_are_in_nothing_adaptune_copies_or_logs(tmp_path, monke
     from orchestrator.cli import _finish
     from orchestrator.mlflow_sweep import start_parent
     from orchestrator.sweep import load_sweep, redacted_text
+    from orchestrator.tune_driver import SweepEnd
 
     api_key, token, password = SECRETS
     (tmp_path / "data").mkdir()
@@ -79,8 +80,9 @@ def test_a_sweeps_secrets_are_in_nothing_adaptune_copies_or_logs(tmp_path, monke
     start_parent(uri, sweep, path, points, resume=False)
     shown = sweep.model_copy(update={"tracking": sweep.tracking.model_copy(
         update={"uri": f"http://user:{password}@mlflow.example:5000"})})
-    with pytest.raises(BaseException):  # noqa: B017 - typer.Exit(1): a failed trial
-        _finish(shown, [], [("lora-r4-qv", f"ConfigError: http://user:{password}@mlflow.example:5000 refused")])
+    failure = ("lora-r4-qv", f"ConfigError: http://user:{password}@mlflow.example:5000 refused")
+    with pytest.raises(BaseException):  # noqa: B017 - typer.Exit(130): an interrupted sweep with a failed trial
+        _finish(shown, SweepEnd([], [failure], unfinished=3))
     printed = capsys.readouterr()
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p != path]
     assert copy in written and any("expanded_space.json" in str(p) for p in written)

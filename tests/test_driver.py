@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from orchestrator.mlflow_sweep import child_runs, find_parent
 from orchestrator.sweep import load_sweep
-from workers.names import SWEEP_TAG
+from workers.names import INTERRUPTED_TAG, SWEEP_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,6 +149,41 @@ def test_kill_the_driver_then_resume_runs_every_trial_once(tmp_path: Path) -> No
         ["lora-r4-qv", "lora-r4-ud", "series-b8-mlp", "prefix-v4"])
     assert all(r.info.status == "FINISHED" for r in children)
     assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_run_with_130_a_killed_parent_and_the_command_that_resumes(tmp_path: Path) -> None:
+    """Ctrl-C makes Tune stop early and return. It used to end as a finished sweep: exit 0, "done" and the parent
+    FINISHED with the trials that had started (2 of the demo's 8). Now the parent is KILLED with the count of
+    unfinished trials, the command exits 130 naming them and `resume`; `resume` then finishes the sweep."""
+    sweep = tiny_sweep(tmp_path, "ctrlc", FOUR, train={"epochs": 3})
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "orchestrator.cli"]
+    driver = subprocess.Popen([*cmd, "run", str(sweep)], cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trials = tmp_path / "runs" / "ctrlc" / "trials"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(trials.glob("*/result/summary.json")):
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGINT)  # a terminal's Ctrl-C: the driver's whole process group
+    out, err = driver.communicate(timeout=300)
+    assert driver.returncode == 130, err[-3000:]
+    _, parent, _ = _runs(tmp_path, "ctrlc")
+    assert parent.info.status == "KILLED"
+    unfinished = int(parent.data.metrics["trials_unfinished"])
+    assert 1 <= unfinished <= 4  # what Tune had not seen end when the signal came, never started ones included
+    assert parent.data.tags[INTERRUPTED_TAG] == f"{unfinished} trials did not finish: adaptune resume ctrlc"
+    assert "done:" not in out and "adaptune ui" not in out
+    assert f"unfinished: {unfinished} trials; continue them: adaptune resume ctrlc --storage {tmp_path / 'runs'}" in err
+
+    resumed = subprocess.run([*cmd, "resume", "ctrlc", "--storage", str(tmp_path / "runs")], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, parent, children = _runs(tmp_path, "ctrlc")
+    assert parent.info.status == "FINISHED" and INTERRUPTED_TAG not in parent.data.tags
+    assert parent.data.metrics["trials_unfinished"] == 0 and parent.data.metrics["trials_finished"] == 4
+    assert sorted(r.info.run_name for r in children if r.info.status == "FINISHED") == sorted(
+        ["lora-r4-qv", "lora-r4-ud", "series-b8-mlp", "prefix-v4"])
 
 
 @pytest.mark.slow

@@ -395,6 +395,6 @@ def test_a_sweep_trains_through_an_mlflow_server_outage_into_the_clean_record(tm
             a.path for a in MlflowClient(clean_uri).list_artifacts(clean.run_id)]
     counters = {k: v for k, v in parent.data.metrics.items() if k.startswith("trials_")}
     assert counters == {"trials_total": 1, "trials_finished": 1, "trials_failed": 0, "trials_oom": 0,
-                        "trials_stopped": 0}
+                        "trials_stopped": 0, "trials_unfinished": 0}
     assert not _spooled(folder) and "done: 1 trials" in printed
     print(f"store down {down_s:.0f} s; spooled train_loss steps {spooled_steps}; sweep exit {code}")

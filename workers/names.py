@@ -20,6 +20,8 @@ CHANGED_PARAM_TAG = "adaptune.resumed_with."
 # --- tags of a sweep's parent run -----------------------------------------------------------------------------
 SWEEP_TAG = "adaptune.sweep"
 GIT_SHA_TAG = "adaptune.git_sha"
+# Set while the sweep's last `run` or `resume` ended before every trial did (Ctrl-C): how many, and what continues them.
+INTERRUPTED_TAG = "adaptune.interrupted"
 
 # --- MLflow's own tags ----------------------------------------------------------------------------------------
 PARENT_TAG = "mlflow.parentRunId"
