@@ -17,7 +17,9 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -296,6 +298,22 @@ def _tune_settings() -> Iterator[None]:
             logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While Tune runs, SIGTERM (a cluster's job scheduler at its time limit, `kill`, `timeout`) stops the sweep as
+    Ctrl-C does: Tune saves its state and stops its trials, and the parent run is closed KILLED with the trials
+    `resume` continues. By default SIGTERM ends the driver at once, its parent run left RUNNING. A second one, as a
+    second Ctrl-C, goes to the SIGINT handler Tune restored: KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:  # None: a handler set outside Python, which Python cannot set back
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def cluster_address(address: str | None) -> str | None:
     """The cluster to join: `--address`, else RAY_ADDRESS; None to start a local one."""
     address = address or os.environ.get("RAY_ADDRESS")
@@ -500,7 +518,7 @@ def run(sweep: SweepSpec, points: list[Point], file: Path, *, address: str | Non
     # Tune copies some of the driver's variables (AWS_*) into every trial's runtime env, which Ray logs in clear:
     # a cluster started here inherited what it needs already, so the driver holds no secret while Tune runs.
     kept_home = environment(without_secrets(os.environ)) if started_here else contextlib.nullcontext()
-    with Heartbeat(root / HEARTBEAT), kept_home, _tune_settings():
+    with Heartbeat(root / HEARTBEAT), kept_home, _tune_settings(), terminate_as_interrupt():
         results = tuner.fit()
     # A trial out of memory is no Tune error (resume would retry it blindly), but the sweep did not finish it.
     failed = sorted(failures(results) + mlflow_sweep.out_of_memory(uri, parent))

@@ -152,10 +152,13 @@ def test_kill_the_driver_then_resume_runs_every_trial_once(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_ctrl_c_ends_run_with_130_a_killed_parent_and_the_command_that_resumes(tmp_path: Path) -> None:
-    """Ctrl-C makes Tune stop early and return. It used to end as a finished sweep: exit 0, "done" and the parent
-    FINISHED with the trials that had started (2 of the demo's 8). Now the parent is KILLED with the count of
-    unfinished trials, the command exits 130 naming them and `resume`; `resume` then finishes the sweep."""
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_a_stopped_run_exits_130_its_parent_killed_and_names_the_command_that_resumes(stop: str,
+                                                                                       tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group) makes Tune stop early and return. It used to end as a finished
+    sweep: exit 0, "done" and the parent FINISHED with the trials that had started (2 of the demo's 8). SIGTERM to
+    the driver (a job scheduler's limit) ended it at once, the parent left RUNNING. Now both close the parent
+    KILLED with the count of unfinished trials and exit 130 naming them and `resume`, which finishes the sweep."""
     sweep = tiny_sweep(tmp_path, "ctrlc", FOUR, train={"epochs": 3})
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "orchestrator.cli"]
@@ -165,7 +168,10 @@ def test_ctrl_c_ends_run_with_130_a_killed_parent_and_the_command_that_resumes(t
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(trials.glob("*/result/summary.json")):
         time.sleep(0.2)
-    os.killpg(driver.pid, signal.SIGINT)  # a terminal's Ctrl-C: the driver's whole process group
+    if stop == "ctrl-c":
+        os.killpg(driver.pid, signal.SIGINT)  # a terminal's Ctrl-C: the driver's whole process group
+    else:
+        driver.terminate()
     out, err = driver.communicate(timeout=300)
     assert driver.returncode == 130, err[-3000:]
     _, parent, _ = _runs(tmp_path, "ctrlc")
