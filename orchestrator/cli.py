@@ -14,7 +14,7 @@ import yaml
 from orchestrator import worker_commands
 from orchestrator.cli_shared import TRUST_REMOTE_CODE, check_store, writable_folder
 from workers.errors import ConfigError
-from workers.names import MACRO_ACCURACY, REPORT_ARTIFACT, SWEEP_FILE
+from workers.names import HEARTBEAT, MACRO_ACCURACY, REPORT_ARTIFACT, SWEEP_FILE
 
 if TYPE_CHECKING:
     from orchestrator.tune_driver import SweepEnd
@@ -192,7 +192,9 @@ def status(
     name: Annotated[str | None, typer.Argument(help="a sweep's name (default: every sweep)")] = None,
     storage: Annotated[Path, typer.Option(help="where sweeps keep their state")] = Path("runs"),
 ) -> None:
-    """The trials of a sweep (or of every sweep in the storage) and their status, from MLflow."""
+    """The trials of a sweep (or of every sweep in the storage) and their status, from MLflow; a sweep MLflow has
+    RUNNING whose driver is gone (killed, its machine lost: nothing closed its run), as interrupted."""
+    from orchestrator.heartbeat import beating
     from orchestrator.mlflow_sweep import sweep_status
     from orchestrator.sweep import load_sweep
 
@@ -207,8 +209,10 @@ def status(
         if found is None:
             typer.echo(f"{sweep.name}: no MLflow run yet")
             continue
-        state, rows = found
-        typer.echo(f"{sweep.name}: {state}, {len(rows)} trials")
+        state, interrupted, rows = found
+        if state == "RUNNING" and not beating(file.parent / HEARTBEAT):
+            state, interrupted = "RUNNING in MLflow, its driver gone", f"adaptune resume {sweep.name}"
+        typer.echo(f"{sweep.name}: {state}, {len(rows)} trials" + (f" ({interrupted})" if interrupted else ""))
         _print_rows(rows)
 
 

@@ -61,3 +61,17 @@ def driver_gone(path: Path, stale_s: float = STALE_S) -> Callable[[], bool]:
         return now - last["seen"] > stale_s
 
     return gone
+
+
+def beating(path: Path, wait_s: float = 1.5 * INTERVAL_S) -> bool:
+    """Whether a driver touches `path` now: its modification time changes within `wait_s` (no clock compared)."""
+    try:
+        first = path.stat().st_mtime_ns
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            if path.stat().st_mtime_ns != first:
+                return True
+    except FileNotFoundError:
+        pass
+    return False

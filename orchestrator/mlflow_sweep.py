@@ -132,11 +132,13 @@ def parent_run_id(uri: str, experiment: str, name: str) -> str | None:
     return found.info.run_id if found else None
 
 
-def sweep_status(uri: str, experiment: str, name: str) -> tuple[str, list[dict[str, Any]]] | None:
-    """The parent run's status and one row per trial, or None when the sweep has no run yet."""
+def sweep_status(uri: str, experiment: str, name: str) -> tuple[str, str | None, list[dict[str, Any]]] | None:
+    """The parent run's status, what interrupted it (or None), one row per trial; None when the sweep has no run."""
     client = mlflow_client(uri)
     parent = find_parent(client, experiment, name)
-    return None if parent is None else (parent.info.status, summary_rows(client, parent))
+    if parent is None:
+        return None
+    return parent.info.status, parent.data.tags.get(INTERRUPTED_TAG), summary_rows(client, parent)
 
 
 def build_report(uri: str, parent_id: str, out_dir: Path, *, metric: str = MACRO_ACCURACY,

@@ -139,6 +139,10 @@ def test_kill_the_driver_then_resume_runs_every_trial_once(tmp_path: Path) -> No
     driver.wait()
     finished_before = {p: p.stat().st_mtime for p in trials.glob("*/result/summary.json")}
     assert 1 <= len(finished_before) < 4
+    status = subprocess.run([*cmd, "status", "crash", "--storage", str(tmp_path / "runs")], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert "crash: RUNNING in MLflow, its driver gone, " in status.stdout, status.stdout + status.stderr
+    assert status.stdout.splitlines()[0].endswith("(adaptune resume crash)")
     resumed = subprocess.run([*cmd, "resume", "crash", "--storage", str(tmp_path / "runs")], cwd=tmp_path,
                              env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -181,6 +185,10 @@ def test_a_stopped_run_exits_130_its_parent_killed_and_names_the_command_that_re
     assert parent.data.tags[INTERRUPTED_TAG] == f"{unfinished} trials did not finish: adaptune resume ctrlc"
     assert "done:" not in out and "adaptune ui" not in out
     assert f"unfinished: {unfinished} trials; continue them: adaptune resume ctrlc --storage {tmp_path / 'runs'}" in err
+    status = subprocess.run([*cmd, "status", "ctrlc", "--storage", str(tmp_path / "runs")], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert status.stdout.startswith("ctrlc: KILLED, ") and status.stdout.splitlines()[0].endswith(
+        f"trials ({unfinished} trials did not finish: adaptune resume ctrlc)"), status.stdout + status.stderr
 
     resumed = subprocess.run([*cmd, "resume", "ctrlc", "--storage", str(tmp_path / "runs")], cwd=tmp_path,
                              env=env, capture_output=True, text=True, timeout=600)

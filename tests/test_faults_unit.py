@@ -283,6 +283,16 @@ def test_a_trial_notices_a_still_heartbeat_and_not_a_beating_one(tmp_path: Path)
     assert gone()  # the driver stopped beating
 
 
+def test_status_tells_a_beating_heartbeat_from_a_still_or_missing_one(tmp_path: Path) -> None:
+    from orchestrator.heartbeat import Heartbeat, beating
+
+    path = tmp_path / "driver.heartbeat"
+    assert not beating(path, wait_s=0.3)
+    with Heartbeat(path, interval_s=0.05):
+        assert beating(path, wait_s=0.3)
+    assert path.exists() and not beating(path, wait_s=0.3)
+
+
 # --- params first ---------------------------------------------------------------------------------------------
 
 def test_a_trial_that_fails_before_training_has_its_params(tmp_path: Path) -> None:
