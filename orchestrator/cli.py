@@ -13,6 +13,7 @@ import yaml
 
 from orchestrator import worker_commands
 from orchestrator.cli_shared import TRUST_REMOTE_CODE, check_store, writable_folder
+from orchestrator.heartbeat import beating
 from workers.errors import ConfigError
 from workers.names import HEARTBEAT, MACRO_ACCURACY, REPORT_ARTIFACT, SWEEP_FILE
 
@@ -58,6 +59,9 @@ def _prepare_sweep(sweep_file: Path, *, new: bool, resume: bool, trust_remote_co
     if root.exists() and not resume and not new:
         raise ConfigError(file, "name", f"a sweep named {sweep.name!r} exists in {root}: `adaptune resume "
                                         f"{sweep.name}` or pass --new to start over")
+    if beating(root / HEARTBEAT):
+        raise ConfigError(file, "name", f"sweep {sweep.name!r} is running: its driver beats in {root / HEARTBEAT}; "
+                                        "let it end or stop it (Ctrl-C) first")
     r = sweep.resources
     if r.gpus_per_trial and local:
         from orchestrator.gpus import visible_gpus
@@ -194,7 +198,6 @@ def status(
 ) -> None:
     """The trials of a sweep (or of every sweep in the storage) and their status, from MLflow; a sweep MLflow has
     RUNNING whose driver is gone (killed, its machine lost: nothing closed its run), as interrupted."""
-    from orchestrator.heartbeat import beating
     from orchestrator.mlflow_sweep import sweep_status
     from orchestrator.sweep import load_sweep
 

@@ -3,7 +3,7 @@
 A trial whose driver is gone (killed, its machine lost) notices the file going still and stops at
 the next step with a checkpoint, so `adaptune resume` takes it up from there. Staleness is judged by
 the file's modification time *changing*, seen on the trial's own clock: no clock is compared
-across machines.
+across machines. A driver that ends removes the file: one left behind is a killed driver's.
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ class Heartbeat:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._stop.set()
         self._thread.join()
+        self.path.unlink(missing_ok=True)
 
 
 def driver_gone(path: Path, stale_s: float = STALE_S) -> Callable[[], bool]:
-    """A `should_stop` for a trial: True once `path` has not changed for `stale_s` seconds.
+    """A `should_stop` for a trial: True once `path` has not changed for `stale_s` seconds, or is gone once seen.
 
-    Without the file there is no driver to watch (a trial run on its own): never True.
+    Without the file from the start there is no driver to watch (a trial run on its own): never True.
     """
     last: dict[str, float] = {"mtime": -1.0, "seen": time.monotonic()}
 
@@ -53,7 +54,7 @@ def driver_gone(path: Path, stale_s: float = STALE_S) -> Callable[[], bool]:
         try:
             mtime = path.stat().st_mtime
         except FileNotFoundError:
-            return False
+            return last["mtime"] != -1.0  # removed by its driver as it ended
         now = time.monotonic()
         if mtime != last["mtime"]:
             last["mtime"], last["seen"] = mtime, now

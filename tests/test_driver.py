@@ -257,6 +257,29 @@ def test_a_second_sweep_of_the_same_name_needs_resume_or_new(tmp_path, monkeypat
     assert code == 2 and "adaptune resume dup" in err and "--new" in err
 
 
+@pytest.mark.parametrize("command", [["resume", "live", "--storage", "{runs}"],
+                                     ["run", "{file}", "--new", "--dry-run"]])
+def test_a_sweep_whose_driver_beats_is_not_resumed_or_restarted_beside_it(command, tmp_path, monkeypatch,
+                                                                          capsys) -> None:
+    """A second driver on a running sweep (resume in another terminal, run --new moving its folder away) would run
+    its trials twice into one record: refused in one line while the driver's heartbeat changes."""
+    from orchestrator.heartbeat import Heartbeat
+    from orchestrator.sweep import redacted_text
+
+    path = tiny_sweep(tmp_path, "live", FOUR)
+    root = tmp_path / "runs" / "live"
+    root.mkdir(parents=True)
+    (root / "sweep.yaml").write_text(redacted_text(path))
+    args = [a.format(runs=tmp_path / "runs", file=path) for a in command]
+    with Heartbeat(root / "driver.heartbeat", interval_s=0.1):
+        code, _, err = run_cli(args, monkeypatch, capsys)
+    assert code == 2 and "sweep 'live' is running: its driver beats in" in err, err
+    assert root.exists() and not list(tmp_path.glob("runs/live.old-*"))
+    assert not (root / "driver.heartbeat").exists()  # an ended driver removes its heartbeat
+    if command[0] == "run":
+        assert run_cli(args, monkeypatch, capsys)[0] == 0
+
+
 def test_dry_run_lists_the_trials(tmp_path, monkeypatch, capsys) -> None:
     code, out, _ = run_cli(["run", str(tiny_sweep(tmp_path, "dry", FOUR)), "--dry-run"], monkeypatch, capsys)
     assert code == 0 and "4 trials" in out and "prefix-v4" in out

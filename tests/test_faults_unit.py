@@ -277,10 +277,16 @@ def test_a_trial_notices_a_still_heartbeat_and_not_a_beating_one(tmp_path: Path)
         while time.monotonic() < deadline:
             assert not gone()
             time.sleep(0.05)
+        killed = driver_gone(path, stale_s=0.3)
+        assert not killed()
+    assert gone() and killed()  # the driver ended: its heartbeat removed
+    path.touch()  # a killed driver's, left behind
+    still = driver_gone(path, stale_s=0.3)
+    assert not still()
     time.sleep(0.1)
-    assert not gone()
+    assert not still()
     time.sleep(0.4)
-    assert gone()  # the driver stopped beating
+    assert still()  # the driver stopped beating
 
 
 def test_status_tells_a_beating_heartbeat_from_a_still_or_missing_one(tmp_path: Path) -> None:
@@ -290,7 +296,9 @@ def test_status_tells_a_beating_heartbeat_from_a_still_or_missing_one(tmp_path: 
     assert not beating(path, wait_s=0.3)
     with Heartbeat(path, interval_s=0.05):
         assert beating(path, wait_s=0.3)
-    assert path.exists() and not beating(path, wait_s=0.3)
+    assert not path.exists()  # an ended driver removes it
+    path.touch()  # a killed driver's, left behind
+    assert not beating(path, wait_s=0.3)
 
 
 # --- params first ---------------------------------------------------------------------------------------------
