@@ -190,6 +190,8 @@ def test_a_stopped_run_exits_130_its_parent_killed_and_names_the_command_that_re
     assert status.stdout.startswith("ctrlc: KILLED, ") and status.stdout.splitlines()[0].endswith(
         f"trials ({unfinished} trials did not finish: adaptune resume ctrlc)"), status.stdout + status.stderr
 
+    if stop == "sigterm":
+        return  # what resume meets is the same
     resumed = subprocess.run([*cmd, "resume", "ctrlc", "--storage", str(tmp_path / "runs")], cwd=tmp_path,
                              env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

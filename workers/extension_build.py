@@ -21,13 +21,14 @@ from pathlib import Path
 
 import psutil
 from filelock import FileLock
-from torch.utils import cpp_extension
 
 BATON = "lock"  # torch's name for it, in cpp_extension._jit_compile
 
 
 def build_directory(name: str) -> Path:
     """Where torch builds the extension `name` (TORCH_EXTENSIONS_DIR/<name>, or its default for this torch)."""
+    from torch.utils import cpp_extension  # imports setuptools: only where an extension is built (a CPU's)
+
     return Path(cpp_extension._get_build_directory(name, verbose=False))
 
 
