@@ -1,9 +1,10 @@
 """Torch C++ extensions built on first use (DeepSpeed's shared-memory comm op on a CPU), safe after a killed build.
 
 `torch.utils.cpp_extension.load` lets one process at a time build an extension by a baton: a file `lock` in the
-extension's build directory, created exclusively and removed when the build ends. A builder killed mid-build (a
-first `make demo` stopped by Ctrl-C in its first minute, a trial's process killed by Ray) never removes it, and
-every later load of that extension waits for it forever, silently: no trial of that machine starts again.
+extension's build directory, created exclusively and removed when the build ends. A builder killed outright
+mid-build (a trial's process killed by Ray, a bench unit killed at its time budget; Ctrl-C lets torch remove it)
+never removes it, and every later load of that extension waits for it forever, silently: no trial of that machine
+starts again.
 
 `exclusive_build` runs a load one adaptune process at a time (an OS file lock beside the build directory, which
 dies with its holder) and, under it, removes a baton no live process holds: the builder that made it holds it
